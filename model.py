@@ -58,7 +58,8 @@ class GPTConfig:
     softcap_form: str  # sigmoid: cap * sigmoid((z + shift) / temp); tanh: cap * tanh(z / cap)
     softcap_shift: float
     softcap_temp: float
-    fused_loss: bool  # softcap + cross-entropy in one Triton kernel on CUDA (kernels.py)
+    fused_loss: bool  # lm_head + softcap + cross-entropy as one op, gradient in forward
+    fp8_lm_head: bool  # that op's matmuls in float8 on CUDA capability >= 8.9 (kernels.py)
     init_std: float  # matrices: uniform with std init_std / sqrt(fan_in)
     lm_head_init_std: float  # the (tied) head/embedding: normal with this std
 
@@ -399,13 +400,15 @@ class GPT(nn.Module):
             docs = document_ids(inputs)
         with torch.autocast("cuda", torch.bfloat16, enabled=inputs.is_cuda):
             hidden = self.hidden_states(inputs, docs)
-            # (T, V) straight from (T, D): indexing (1, T, V) logits would cost a full copy of
-            # their gradient in the backward pass (seen in the profile: 4 ms a micro-batch)
-            logits = F.linear(hidden[0], self.lm_head.type_as(hidden))
+        # (T, D) rows: indexing (1, T, V) logits would cost a full copy of their gradient in
+        # the backward pass (seen in the profile: 4 ms a micro-batch)
+        hidden, head = hidden[0], self.lm_head.type_as(hidden)
+        if targets is not None and self.config.fused_loss:
+            return kernels.linear_softcap_cross_entropy(
+                hidden, head, targets, *self.softcap_args, fp8=self.config.fp8_lm_head)
+        logits = F.linear(hidden, head)
         if targets is None:
             return self.softcap(logits.float())[:, :self.config.vocab_size]
-        if self.config.fused_loss:
-            return kernels.softcap_cross_entropy(logits, targets, *self.softcap_args)
         return kernels.softcap_cross_entropy_reference(logits, targets, *self.softcap_args)
 
     @property

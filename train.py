@@ -8,6 +8,7 @@ learning rates and momenta as an uninterrupted one.
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import subprocess
@@ -261,9 +262,10 @@ def rng_state():
 def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    # RNG states are CPU byte tensors; a checkpoint read with map_location="cuda" moved them
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def seed_everything(seed):
@@ -301,6 +303,7 @@ class TrainingManager:
                          "validating on those")
         self.windows = None  # (short, long) last set on the model
         self._flops = {}  # flops_per_token by windows, for MFU
+        self.run_id = None  # kept in checkpoints: a resumed run appends to the same log
         self.step = 0  # optimizer steps completed
         self.train_time = 0.0  # seconds of training, validation and compile excluded
         self.history = []  # (step, train time, val loss)
@@ -384,7 +387,8 @@ class TrainingManager:
     # -- checkpoints --------------------------------------------------------------------------
 
     def checkpoint_state(self):
-        return {"step": self.step, "train_time": self.train_time, "history": self.history,
+        return {"step": self.step, "run_id": self.run_id, "train_time": self.train_time,
+                "history": self.history,
                 "tied": self.model.tied, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "loader": self.train_loader.state_dict(), "rng": rng_state(),
@@ -399,8 +403,10 @@ class TrainingManager:
         os.replace(tmp, path)
         return path
 
-    def load_checkpoint(self, path):
-        state = torch.load(path, map_location=self.model.lm_head.device, weights_only=False)
+    def load_checkpoint(self, path, state=None):
+        """Resume from the checkpoint at ``path`` (``state``: its contents, if already read)."""
+        if state is None:
+            state = read_checkpoint(path, self.model.lm_head.device)
         if state["config"]["model_config"] != self.config["model_config"]:
             raise ConfigError(f"checkpoint {path} was written for a different model_config")
         if not state["tied"]:
@@ -411,6 +417,7 @@ class TrainingManager:
         self.train_loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step, self.train_time = state["step"], state["train_time"]
+        self.run_id = state["run_id"]
         self.windows = tuple(self.model.windows.tolist())
         self.history = state["history"]
 
@@ -487,6 +494,10 @@ class TrainingManager:
         if self.logger.wandb is not None:
             self.logger.wandb.log({"val/loss": val_loss, "train_time": self.train_time},
                                   step=self.step)
+
+
+def read_checkpoint(path, device):
+    return torch.load(path, map_location=device, weights_only=False)
 
 
 def synchronize(device):
@@ -584,19 +595,28 @@ def run_training(config, resume=None, benchmark=False, profile=False, config_pat
         print(f"error: {exc}", file=sys.stderr)
         return 2
     utils.configure_torch(device, config["compile_config"])
-    run_id = str(uuid.uuid4())
+    state = None
+    if resume:
+        try:
+            state = read_checkpoint(resume, device.kind)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            print(f"error: cannot read checkpoint {resume}: {exc}", file=sys.stderr)
+            return 2
+    run_id = state["run_id"] if state else str(uuid.uuid4())
     log_path = Path(repo_path(lc["log_dir"])) / f"{run_id}.txt"
     logger = RunLogger(log_path, lc, config, Schedule(config).total, tc["run_name"])
     logger.print(f"run {run_id} | config {config_path} | device {device.name} | log {log_path}")
     manager = None
     try:
         manager = TrainingManager(config, device, logger)
+        manager.run_id = run_id
         if benchmark:
             import benchmark as bench
 
             return bench.run_benchmark(manager, profile=profile)
         if resume:
-            manager.load_checkpoint(resume)
+            manager.load_checkpoint(resume, state)
+            del state  # the manager holds its own copies; free the checkpoint's GPU tensors
             logger.print(f"resumed from {resume} at step {manager.step}")
         if config["compile_config"]["enabled"]:
             logger.print(f"compile and warm-up: {manager.warmup():.1f}s (not counted)")

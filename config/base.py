@@ -38,7 +38,10 @@ model_config = dict(
     softcap_form="sigmoid",
     softcap_shift=5.0,
     softcap_temp=7.5,
-    fused_loss=True,  # one Triton kernel for softcap + cross-entropy on CUDA
+    fused_loss=True,  # lm_head + softcap + cross-entropy as one op (kernels.py)
+    # float8 matmuls in that op (capability >= 8.9): tested, but 9% slower on the H100 as
+    # written (README, Speed), so off
+    fp8_lm_head=False,
     init_std=0.5,
     lm_head_init_std=0.005,
 )

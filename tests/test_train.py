@@ -255,6 +255,32 @@ def test_full_run_writes_a_record(config, tmp_path, monkeypatch):
         assert part in text
 
 
+def test_resumed_run_continues_its_log_and_record(config, tmp_path):
+    """A run split across processes (checkpoint, then --resume) is one run: one run id, one
+    log holding both parts, and the record counts the train time of both."""
+    tc = config["training_config"]
+    tc.update(early_stop_steps=5, checkpoint_every=5)
+    assert train.run_training(config, config_path="test") == 0
+    (log,) = (tmp_path / "logs").glob("*.txt")
+    tc.update(early_stop_steps=None, checkpoint_every=0)
+    assert train.run_training(config, resume=tmp_path / "ckpt" / "cpu_step000005.pt") == 0
+    assert list((tmp_path / "logs").glob("*.txt")) == [log]
+    text = log.read_text()
+    assert "step 5/14 loss" in text and "resumed from" in text and "step 14/14 loss" in text
+    (figures,) = (tmp_path / "records").glob("*/*.json")
+    data = json.loads(figures.read_text())
+    assert data["run_id"] == log.stem and data["steps"] == 14
+    first_part = float(text.split("step 5/14 loss")[1].split("time ")[1].split("s")[0])
+    assert data["train_time"] > first_part
+
+
+def test_unreadable_checkpoint_is_named(config, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert train.run_training(config, resume=bad) == 2
+    assert f"cannot read checkpoint {bad}" in capsys.readouterr().err
+
+
 def test_early_stopped_run_writes_no_record(config, tmp_path):
     config["training_config"]["early_stop_steps"] = 3
     assert train.run_training(config, config_path="test") == 0
