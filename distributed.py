@@ -73,7 +73,7 @@ class World:
             dist.init_process_group("gloo")
 
     def shutdown(self):
-        if dist.is_initialized():
+        if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
     # -- collectives that are the identity in a world of one -----------------------------------
