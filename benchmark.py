@@ -4,7 +4,8 @@ After compile and warm-up, each distinct (batch size, window) stage of the sched
 for ``training_config.benchmark_steps`` steps, after two untimed ones, with CUDA events (or
 synchronised clocks on the CPU); the table reports medians. The optimizer step is timed on its
 own to give its share of the step. The same figures go to a JSON file beside the run's log.
-It trains on real batches but is not a training run: no validation, no record.
+It trains on real batches but is not a training run: no validation, no record. Under torchrun
+every rank runs it and rank 0 reports: tokens/s count all ranks' tokens, MFU is per GPU.
 """
 
 import json
@@ -116,19 +117,21 @@ def run_benchmark(manager, profile=False):
                "optimizer_share": optimizer_ms / step_ms, "mfu": None,
                "peak_allocated_gb": None, "peak_reserved_gb": None}
         if manager.device.peak_tflops:
-            row["mfu"] = row["tflops"] / manager.device.peak_tflops
+            row["mfu"] = row["tflops"] / (manager.device.peak_tflops * manager.world.world_size)
         if cuda:
             row["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
             row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
         rows.append(row)
-    result = {"device": manager.device.name, "torch": torch.__version__,
+    result = {"device": manager.device.name, "world_size": manager.world.world_size,
+              "torch": torch.__version__,
               "compile_and_warmup_s": compile_s, "timed_steps_per_stage": steps,
               "micro_batch_tokens": schedule.micro_batch_tokens, "stages": rows}
     for line in format_table(result):
         log(line)
-    path = manager.logger.path.with_name(manager.logger.path.stem + "_benchmark.json")
-    path.write_text(json.dumps(result, indent=1))
-    log(f"benchmark written: {path}")
+    if manager.world.is_main:
+        path = manager.logger.path.with_name(manager.logger.path.stem + "_benchmark.json")
+        path.write_text(json.dumps(result, indent=1))
+        log(f"benchmark written: {path}")
     if profile:
         log(profile_last_stage(manager))
     return 0
@@ -138,7 +141,8 @@ def format_table(result):
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    yield (f"benchmark on {result['device']} (torch {result['torch']}), medians of "
+    yield (f"benchmark on {result['world_size']} x {result['device']} (torch "
+           f"{result['torch']}), medians of "
            f"{result['timed_steps_per_stage']} steps, micro-batch "
            f"{result['micro_batch_tokens']:,} tokens, compile + warm-up "
            f"{result['compile_and_warmup_s']:.0f}s")

@@ -10,7 +10,10 @@ Every parameter carries ``.label`` and optionally ``.lr_mul`` / ``.wd_mul`` (def
 * ``"scalar"``: lambdas, skip weights and small gate weights, trained by a separate Adam that
   the trainer can freeze for a few steps.
 
-``build_optimizer(model_or_named_params, optimizer_config)`` returns one ``Optimizers`` object.
+``build_optimizer(model_or_named_params, optimizer_config, world)`` returns one ``Optimizers``
+object. With several ranks (``distributed.World``) it also reduces the gradients: the matrix
+optimizer's by reduce-scatter, so each rank orthogonalises only its share of the matrices and
+all-gathers the new weights; Adam's by all-reduce. In a world of one there is no collective.
 
 optimizer_config keys, with the speedrun's values (config/base.py holds them):
 
@@ -46,6 +49,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from distributed import World
 
 LABEL_GROUPS: dict[str, str] = {
     "embed": "adam",
@@ -327,10 +332,105 @@ class _AdamGroup:
             )
 
 
+class _Stack:
+    """The K matrices of one shape group, stacked (K, rows, cols), and this rank's share.
+
+    Rank r steps the matrices ``lo:hi``, a contiguous run of at most ``per_rank`` =
+    ceil(K / world_size); the last ranks' shares may be short or empty. Collectives need equal
+    shares, so the stack is padded to ``per_rank * world_size`` matrices on the wire. In a world
+    of one the share is the whole stack.
+    """
+
+    def __init__(self, entries: list[_Entry], world: World):
+        self.entries = entries
+        self.world = world
+        self.rows, self.cols = entries[0].param.shape[-2:]
+        self.views = [e.param.view(-1, self.rows, self.cols) for e in entries]
+        self.counts = [v.size(0) for v in self.views]
+        self.size = sum(self.counts)
+        self.per_rank = -(-self.size // world.world_size)
+        self.lo = min(self.size, world.rank * self.per_rank)
+        self.hi = min(self.size, self.lo + self.per_rank)
+        # (entry index, start, stop) of the entries' matrices that fall in lo:hi
+        self.pieces = []
+        offset = 0
+        for i, count in enumerate(self.counts):
+            start, stop = max(self.lo - offset, 0), min(self.hi - offset, count)
+            if start < stop:
+                self.pieces.append((i, start, stop))
+            offset += count
+
+    def share(self, tensors: list[Tensor]) -> Tensor:
+        """This rank's matrices of per-entry tensors (leading dim: the entry's count)."""
+        if not self.pieces:
+            return tensors[0][:0]
+        return torch.cat([tensors[i][start:stop] for i, start, stop in self.pieces])
+
+    def write_share(self, tensors: list[Tensor], share: Tensor) -> None:
+        if not self.pieces:
+            return
+        sizes = [stop - start for _, start, stop in self.pieces]
+        targets = [tensors[i][start:stop] for i, start, stop in self.pieces]
+        torch._foreach_copy_(targets, list(share.split(sizes)))
+
+    def write_all(self, tensors: list[Tensor], stacked: Tensor) -> None:
+        """Copy a stack of (at least) all K matrices into the per-entry tensors."""
+        torch._foreach_copy_(tensors, list(stacked[: self.size].split(self.counts)))
+
+
+
+class _StackStep:
+    """One shape group's matrix step, in three calls so that collectives overlap other work.
+
+    ``__init__`` stacks the gradients (and, with several ranks, starts their reduce-scatter);
+    ``update`` runs momentum, direction and update on this rank's share (and starts the
+    all-gather of the new weights); ``finish`` writes the new weights into the parameters.
+    """
+
+    def __init__(self, group: _MatrixGroup, stack: _Stack):
+        self.group, self.stack = group, stack
+        grads = [e.param.grad.view(-1, stack.rows, stack.cols) for e in stack.entries]
+        self.grads = torch.cat(grads).float()
+        self.work = None  # the collective in flight, if any
+        self.new = None  # the new weights: this rank's share, then (gathered) all of them
+        world = stack.world
+        if world.distributed:
+            self.grads, self.work = world.start_reduce_scatter_mean(self.grads, stack.per_rank)
+
+    def update(self, lr_factor: float, momentum: float) -> None:
+        stack, group = self.stack, self.group
+        if self.work is not None:
+            self.work.wait()
+        grads = self.grads[: stack.hi - stack.lo]  # the padding is not stepped
+        weights = stack.share(stack.views).float()
+        state = {
+            k: stack.share([e.state[k] for e in stack.entries]) for k in stack.entries[0].state
+        }
+        new = weights  # an empty share has nothing to step
+        if len(grads):
+            new = group.update(stack, weights, grads, state, lr_factor, momentum)
+        for key, share in state.items():
+            stack.write_share([e.state[key] for e in stack.entries], share)
+        self.new = new.to(stack.views[0].dtype)
+        if stack.world.distributed:
+            self.new, self.work = stack.world.start_all_gather(self.new, stack.per_rank)
+
+    def finish(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        self.stack.write_all(self.stack.views, self.new)
+
+
 class _MatrixGroup:
-    def __init__(self, method: str, hp: dict):
+    """The matrix optimizer. With several ranks, each steps only its share of every shape
+    group's stack (reduce-scatter of the gradients, all-gather of the new weights, as in the
+    speedrun). Every rank keeps full-size state tensors, but only its share of them is current:
+    ``gather_state`` brings every rank's share everywhere."""
+
+    def __init__(self, method: str, hp: dict, world: World):
         self.method = method
         self.hp = hp
+        self.world = world
         self.entries: list[_Entry] = []
         self._multipliers: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
 
@@ -347,14 +447,32 @@ class _MatrixGroup:
             state["rotation"] = torch.eye(side, **f32).expand(k, side, side).clone()
         return state
 
-    @torch.no_grad()
-    def step(self, lr_factor: float, momentum: float) -> None:
+    def _stacks(self, entries: list[_Entry]) -> list[_Stack]:
         buckets: dict[tuple[int, int], list[_Entry]] = {}
-        for e in self.entries:
-            if e.param.grad is not None:
-                buckets.setdefault(tuple(e.param.shape[-2:]), []).append(e)
-        for entries in buckets.values():
-            self._step_shape_group(entries, lr_factor, momentum)
+        for e in entries:
+            buckets.setdefault(tuple(e.param.shape[-2:]), []).append(e)
+        return [_Stack(bucket, self.world) for bucket in buckets.values()]
+
+    def start(self) -> list[_StackStep]:
+        """Stack the gradients by shape; with several ranks, start their reduce-scatters."""
+        with_grads = [e for e in self.entries if e.param.grad is not None]
+        if self.world.distributed and len(with_grads) < len(self.entries):
+            # A rank's share is fixed by the stack's make-up, and so is which state it keeps.
+            missing = [e.name for e in self.entries if e.param.grad is None]
+            raise RuntimeError(f"matrix parameters {missing} have no gradient: with several "
+                               "ranks every matrix parameter needs one at every step")
+        return [_StackStep(self, stack) for stack in self._stacks(with_grads)]
+
+    def gather_state(self) -> None:
+        """Make every rank's state whole: each rank's share, all-gathered."""
+        if not self.world.distributed:
+            return
+        for stack in self._stacks(self.entries):
+            for key in stack.entries[0].state:
+                tensors = [e.state[key] for e in stack.entries]
+                stacked, work = self.world.start_all_gather(stack.share(tensors), stack.per_rank)
+                work.wait()
+                stack.write_all(tensors, stacked)
 
     def _per_matrix_multipliers(self, entries: list[_Entry], counts: list[int]):
         # Cached per set of parameters: one (K, 1, 1) lr_mul and wd_mul column per stack.
@@ -370,14 +488,10 @@ class _MatrixGroup:
             self._multipliers[key] = tuple(c.view(-1, 1, 1) for c in columns)
         return self._multipliers[key]
 
-    def _step_shape_group(self, entries: list[_Entry], lr_factor: float, momentum: float):
-        rows, cols = entries[0].param.shape[-2:]
-        views = [e.param.view(-1, rows, cols) for e in entries]
-        counts = [v.size(0) for v in views]
-        weights = torch.cat(views).float()
-        grads = torch.cat([e.param.grad.view(-1, rows, cols) for e in entries]).float()
-        state = {k: torch.cat([e.state[k] for e in entries]) for k in entries[0].state}
-
+    def update(self, stack: _Stack, weights: Tensor, grads: Tensor, state: dict,
+               lr_factor: float, momentum: float) -> Tensor:
+        """The new weights of this rank's share; its ``state`` is updated in place (ARO's
+        rotation is replaced in the dict)."""
         # Nesterov momentum in fp32, as in the speedrun.
         buf = state["momentum_buffer"]
         buf.lerp_(grads, 1 - momentum)
@@ -391,16 +505,13 @@ class _MatrixGroup:
                 M, state["rotation"], self.hp["sinkhorn_iters"], self.hp["rms"]
             )
 
-        lr_mul, wd_mul = self._per_matrix_multipliers(entries, counts)
+        lr_mul, wd_mul = self._per_matrix_multipliers(stack.entries, stack.counts)
+        lr_mul, wd_mul = lr_mul[stack.lo:stack.hi], wd_mul[stack.lo:stack.hi]
         group_lr = self.hp["lr"] * lr_factor
-        shape_factor = 1.0 if self.method == "aro" else max(1.0, rows / cols) ** 0.5
+        shape_factor = 1.0 if self.method == "aro" else max(1.0, stack.rows / stack.cols) ** 0.5
         lr = lr_mul * (group_lr * shape_factor)
         decay = wd_mul * (self.hp["weight_decay"] * group_lr) * lr
-        new = cautious_update(weights, U, lr, decay)
-
-        torch._foreach_copy_(views, list(new.split(counts)))
-        for key, stacked in state.items():
-            torch._foreach_copy_([e.state[key] for e in entries], list(stacked.split(counts)))
+        return cautious_update(weights, U, lr, decay)
 
 
 # -----------------------------------------------------------------------------------------
@@ -461,8 +572,15 @@ class Optimizers:
     never by id(), so a checkpoint loads into a freshly built model and optimizer.
     """
 
-    def __init__(self, named_params: Iterable, config: dict, module: nn.Module | None = None):
+    def __init__(
+        self,
+        named_params: Iterable,
+        config: dict,
+        module: nn.Module | None = None,
+        world: World | None = None,
+    ):
         config = validate_optimizer_config(config)
+        self.world = world or World()
         self.matrix_optimizer = config["matrix_optimizer"]
         self._label_lr_mul = dict(config.get("label_lr_mul", {}))
         self._label_wd_mul = dict(config.get("label_wd_mul", {}))
@@ -470,7 +588,7 @@ class Optimizers:
         matrix_hp = dict(config[self.matrix_optimizer])
         self._groups = {
             "adam": _AdamGroup(dict(config["adam"]), label_betas),
-            "matrix": _MatrixGroup(self.matrix_optimizer, matrix_hp),
+            "matrix": _MatrixGroup(self.matrix_optimizer, matrix_hp, self.world),
             "scalar": _AdamGroup(dict(config["scalar_adam"]), label_betas),
         }
         self._module = module
@@ -512,15 +630,41 @@ class Optimizers:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Step all three groups; the scalar one only drops its grads while frozen."""
-        self._groups["adam"].step(self.lr_factor)
-        self._groups["matrix"].step(self.lr_factor, self.momentum)
-        if self.frozen_scalar_steps > 0:
+        """Step all three groups; the scalar one only drops its grads while frozen.
+
+        With several ranks the gradients are the rank's own (the mean over its micro-batches);
+        here they become the mean over all ranks. The collectives start first and each is
+        waited for only where its result is needed: the matrix updates run while the Adam
+        all-reduce is in flight, the Adam updates while the matrix all-gathers are.
+        """
+        frozen = self.frozen_scalar_steps > 0
+        if frozen:
             self.frozen_scalar_steps -= 1
             for e in self._groups["scalar"].entries:
                 e.param.grad = None
-        else:
+        stack_steps = self._groups["matrix"].start()
+        reductions = self._all_reduce_adam_grads()
+        for stack_step in stack_steps:
+            stack_step.update(self.lr_factor, self.momentum)
+        for work in reductions:
+            work.wait()
+        self._groups["adam"].step(self.lr_factor)
+        if not frozen:
             self._groups["scalar"].step(self.lr_factor)
+        for stack_step in stack_steps:
+            stack_step.finish()
+
+    def _all_reduce_adam_grads(self) -> list:
+        """Start averaging the Adam groups' gradients over the ranks (none in a world of one)."""
+        if not self.world.distributed:
+            return []
+        grads = [
+            e.param.grad
+            for group in ("adam", "scalar")
+            for e in self._groups[group].entries
+            if e.param.grad is not None
+        ]
+        return self.world.start_all_reduce_mean(grads)
 
     def zero_grad(self) -> None:
         """Set every grad to None."""
@@ -563,6 +707,9 @@ class Optimizers:
             raise ValueError("copy_state_from is not a parameter of this optimizer")
         if name is None and self._module is not None:
             name = next((n for n, p in self._module.named_parameters() if p is new_param), None)
+        if LABEL_GROUPS.get(getattr(new_param, "label", None)) == "matrix":
+            # A new matrix moves every rank's share of its shape group: make the state whole.
+            self._groups["matrix"].gather_state()
         entry = self._register(name or f"added.{len(self._entries)}", new_param)
         if copy_state_from is not None:
             source = self._by_id[id(copy_state_from)]
@@ -577,7 +724,9 @@ class Optimizers:
         return {g: {e.name: e.param for e in self._groups[g].entries} for g in GROUP_NAMES}
 
     def state_dict(self) -> dict:
-        """A snapshot (tensors are cloned) that later steps do not modify."""
+        """A snapshot (tensors are cloned) that later steps do not modify; the full state on
+        any number of ranks. With several ranks it is a collective: every rank calls it."""
+        self._groups["matrix"].gather_state()
         return dict(
             matrix_optimizer=self.matrix_optimizer,
             lr_factor=self.lr_factor,
@@ -597,7 +746,8 @@ class Optimizers:
         )
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state_dict() result; everything is checked before anything changes."""
+        """Load a state_dict() result, written on any number of ranks; everything is checked
+        before anything changes."""
         if state_dict["matrix_optimizer"] != self.matrix_optimizer:
             raise ValueError(
                 f"checkpoint uses {state_dict['matrix_optimizer']!r}, "
@@ -630,9 +780,11 @@ class Optimizers:
         self.frozen_scalar_steps = int(state_dict["frozen_scalar_steps"])
 
 
-def build_optimizer(model_or_named_params, optimizer_config: dict) -> Optimizers:
+def build_optimizer(
+    model_or_named_params, optimizer_config: dict, world: World | None = None
+) -> Optimizers:
     """Build the optimizers from a model or from ``model.named_parameters()``-style pairs."""
     if isinstance(model_or_named_params, nn.Module):
         model = model_or_named_params
-        return Optimizers(model.named_parameters(), optimizer_config, module=model)
-    return Optimizers(model_or_named_params, optimizer_config)
+        return Optimizers(model.named_parameters(), optimizer_config, module=model, world=world)
+    return Optimizers(model_or_named_params, optimizer_config, world=world)

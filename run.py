@@ -1,6 +1,7 @@
 """Command line entry point: load a config module, apply overrides, set up the device, train.
 
     uv run run.py --config config/base.py [--seed 123] [--early_stop_steps 10] [--key value ...]
+    torchrun --standalone --nproc_per_node=N run.py --config config/base.py   # N GPUs
 
 A config is a flat Python module whose public dict attributes (``model_config``,
 ``optimizer_config``, ``training_config``, ...) are the sections of the run's configuration.
@@ -8,6 +9,7 @@ Any key can be overridden from the command line as ``--key value`` (when the key
 across sections) or ``--section.key value`` / ``--section.sub.key value`` (always unambiguous).
 Values are parsed as Python literals and must keep the type of the value they replace.
 Everything here is checked before torch is imported, so a bad command fails in a blink.
+Under torchrun every process checks the same and exits with the same status; rank 0 says why.
 """
 
 import argparse
@@ -176,8 +178,8 @@ def apply_environment(config, environ=os.environ):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Single-GPU GPT-2 speedrun trainer. Any config key can be overridden as "
-                    "--key value or --section.key value.",
+        description="GPT-2 speedrun trainer (one GPU, or several under torchrun). Any config "
+                    "key can be overridden as --key value or --section.key value.",
         epilog="Examples: run.py --config config/base.py | run.py --config config/cpu.py "
                "--early_stop_steps 10 --seed 123 | run.py --config config/small.py "
                "--model_config.num_layers 8")
@@ -208,17 +210,22 @@ def resolve_config(argv, environ=os.environ):
     return args, config
 
 
-def main(argv=None):
+def main(argv=None, environ=os.environ):
+    is_main = environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports errors
     try:
-        args, config = resolve_config(sys.argv[1:] if argv is None else argv)
-        import train  # heavy imports (torch) only once the command line is known to be good
+        args, config = resolve_config(sys.argv[1:] if argv is None else argv, environ)
+        # heavy imports (torch) only once the command line is known to be good
+        import train
+        from distributed import World
 
-        train.validate_config(config)
+        world = World.from_env(environ)
+        train.validate_config(config, world.world_size)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if is_main:
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return train.run_training(config, resume=args.resume, benchmark=args.benchmark,
-                              profile=args.profile, config_path=args.config)
+                              profile=args.profile, config_path=args.config, world=world)
 
 
 if __name__ == "__main__":

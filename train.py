@@ -3,6 +3,10 @@
 ``run.py`` hands the loaded config to ``run_training``. Everything the schedule does is a pure
 function of the step (``Schedule``), so a resumed run recomputes the same windows, batch sizes,
 learning rates and momenta as an uninterrupted one.
+
+Under torchrun (``distributed.World``) each rank takes its own micro-batches of every step, so
+the tokens per step, and the math, are those of one process; the optimizer averages the
+gradients over the ranks. Rank 0 alone prints, logs, checkpoints and writes records.
 """
 
 import json
@@ -25,6 +29,7 @@ import utils
 from data.cached_fineweb10B import DEFAULT_FINEWEB_DIR, DEFAULT_TRAIN_PATTERN, download_fineweb
 from data.loader import DataLoader, find_shards, val_batches
 from data.shards import ShardError
+from distributed import World
 from model import GPT, GPTConfig, document_ids
 from optimizers import build_optimizer, validate_optimizer_config
 from utils import REPO_ROOT, ConfigError
@@ -47,7 +52,7 @@ class TrainingError(RuntimeError):
 # Config checks: everything that can be known wrong before a model is built
 
 
-def validate_config(config):
+def validate_config(config, world_size=1):
     """Raise ConfigError naming the first problems found; returns the Schedule."""
     missing = [s for s in SECTIONS if s not in config]
     if missing:
@@ -66,10 +71,14 @@ def validate_config(config):
                           f"multiple of model_config.block_size ({model_config.block_size})")
     if tc["device"] not in ("cuda", "cpu"):
         raise ConfigError(f"training_config.device must be 'cuda' or 'cpu', not {tc['device']!r}")
-    schedule = Schedule(config)
-    if tc["val_tokens"] <= 0 or tc["val_tokens"] % schedule.micro_batch_tokens:
+    schedule = Schedule(config, world_size)
+    if tc["val_tokens"] <= 0 or tc["val_tokens"] % schedule.round_tokens:
         raise ConfigError(f"training_config.val_tokens ({tc['val_tokens']}) must be a positive "
-                          f"multiple of the micro-batch ({schedule.micro_batch_tokens} tokens)")
+                          f"multiple of {schedule.describe_round()}")
+    if tc["grad_clip_norm"] and world_size > 1:
+        raise ConfigError("training_config.grad_clip_norm needs the whole gradient in one "
+                          "place; with several processes each holds only its share of the "
+                          "matrix gradients: set it to 0.0 (the speedrun's value) or use one")
     return schedule
 
 
@@ -81,14 +90,18 @@ class Schedule:
     """Batch size, windows, learning rate, momentum and untying as functions of the step.
 
     Steps 0 .. num_scheduled_iterations-1 follow the stages; the extension iterations after them
-    run at the final learning rate with the extension window.
+    run at the final learning rate with the extension window. The tokens of a step are those of
+    the config whatever the world size: each of ``world_size`` processes accumulates its share.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, world_size=1):
         tc = config["training_config"]
         self.scheduled = tc["num_scheduled_iterations"]
         self.total = self.scheduled + tc["num_extension_iterations"]
-        self.micro_batch_tokens = tc["batch_size_multiple"] * tc["max_seq_len"]
+        self.multiple, self.seq = tc["batch_size_multiple"], tc["max_seq_len"]
+        self.micro_batch_tokens = self.multiple * self.seq
+        self.world_size = world_size
+        self.round_tokens = self.micro_batch_tokens * world_size  # one micro-batch per process
         bs, ws, lr = config["batch_schedule"], config["window_schedule"], config["lr_schedule"]
         self.batch_starts = self._starts("batch_schedule", bs["fractions"])
         self.batch_tokens = list(bs["tokens"])
@@ -114,11 +127,9 @@ class Schedule:
         if not len(self.batch_tokens) == len(self.batch_lr_mul) == len(self.batch_starts):
             raise ConfigError("batch_schedule: fractions, tokens and lr_mul need equal lengths")
         for tokens in self.batch_tokens:
-            if tokens % self.micro_batch_tokens:
-                raise ConfigError(
-                    f"batch_schedule.tokens {tokens} is not a multiple of the micro-batch "
-                    f"({self.micro_batch_tokens} = batch_size_multiple x max_seq_len); lower "
-                    "BATCH_SIZE_MULTIPLE or change the schedule")
+            if tokens % self.round_tokens:
+                raise ConfigError(f"batch_schedule.tokens {tokens} is not a multiple of "
+                                  f"{self.describe_round()}; {self._batch_fix()}")
         if len(self.long_windows) != len(self.window_starts):
             raise ConfigError("window_schedule: fractions and long need equal lengths")
         windows = self.long_windows + [self.extension_long, self.validation_long]
@@ -126,6 +137,20 @@ class Schedule:
             raise ConfigError(f"window_schedule: windows must be positive ints: {windows}")
         if not 0 <= lr["cooldown_frac"] <= 1 or lr["warmup_steps"] < 0:
             raise ConfigError("lr_schedule: cooldown_frac in [0, 1], warmup_steps >= 0")
+
+    def _batch_fix(self):
+        """The largest smaller BATCH_SIZE_MULTIPLE that divides every stage, if any."""
+        for multiple in range(self.multiple - 1, 0, -1):
+            if not any(t % (multiple * self.seq * self.world_size) for t in self.batch_tokens):
+                return f"lower BATCH_SIZE_MULTIPLE (e.g. BATCH_SIZE_MULTIPLE={multiple})"
+        processes = " or the number of processes" if self.world_size > 1 else ""
+        return f"no BATCH_SIZE_MULTIPLE fits: change the schedule{processes}"
+
+    def describe_round(self):
+        text = f"the micro-batch ({self.micro_batch_tokens} = batch_size_multiple x max_seq_len"
+        if self.world_size > 1:
+            text += f", x {self.world_size} processes = {self.round_tokens}"
+        return text + " tokens)"
 
     @staticmethod
     def _stage(starts, step):
@@ -138,7 +163,8 @@ class Schedule:
         return self.batch_tokens[self.batch_stage(step)]
 
     def accumulation_steps(self, step):
-        return self.tokens(step) // self.micro_batch_tokens
+        """Micro-batches per process in the step."""
+        return self.tokens(step) // self.round_tokens
 
     def windows(self, step):
         """(short, long) window in blocks; short = long // short_divisor."""
@@ -239,12 +265,38 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def error(self, message):
+        self.print(f"error: {message}")
+
     def close(self):
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
         self.file.close()
+
+
+class RankLogger:
+    """The logger of every rank but 0, which speaks for the run: it keeps quiet except for
+    errors, printed to stderr with the rank, so that a failure on one rank is not lost."""
+
+    wandb = None
+
+    def __init__(self, path, rank):
+        self.path = Path(path)  # rank 0's log
+        self.rank = rank
+
+    def print(self, message):
+        pass
+
+    def step(self, step, message, metrics):
+        pass
+
+    def error(self, message):
+        print(f"rank {self.rank}: error: {message}", file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,28 +327,36 @@ def seed_everything(seed):
 
 
 class TrainingManager:
-    """Owns the model, optimizers, data and schedule; ``run`` trains to the end or early stop."""
+    """Owns the model, optimizers, data and schedule; ``run`` trains to the end or early stop.
 
-    def __init__(self, config, device, logger=None):
+    With several ranks (``world``), every rank builds one; they stay in step through the
+    collectives of the optimizer, the loss and validation.
+    """
+
+    def __init__(self, config, device, logger=None, world=None):
         self.config = config
         self.tc = config["training_config"]
         self.device = device
-        self.schedule = Schedule(config)
+        self.world = world or World()
+        self.schedule = Schedule(config, self.world.world_size)
         self.logger = logger
         seed_everything(self.tc["seed"])
-        torch_device = torch.device(device.kind)
+        torch_device = self.world.torch_device(device.kind)
         self.model = GPT(config["model_config"]).to(torch_device)
-        self.optimizer = build_optimizer(self.model, config["optimizer_config"])
+        # Every rank seeds alike; rank 0's weights make sure that they all start the same.
+        self.world.broadcast_tensors([p.detach() for p in self.model.parameters()])
+        self.optimizer = build_optimizer(self.model, config["optimizer_config"], self.world)
         compile_config = config["compile_config"]
         self.compiled = (torch.compile(self.model, dynamic=False, fullgraph=True)
                          if compile_config["enabled"] else self.model)
         dc, seq = config["data_config"], self.tc["max_seq_len"]
         micro = self.schedule.micro_batch_tokens
+        ranks = dict(rank=self.world.rank, world_size=self.world.world_size)
         self.train_loader = DataLoader(repo_path(dc["train_pattern"]), micro, seq,
-                                       device=torch_device, prefetch=dc["prefetch"])
+                                       device=torch_device, prefetch=dc["prefetch"], **ranks)
         self.val_batches = val_batches(repo_path(dc["val_pattern"]), self.tc["val_tokens"], micro,
-                                       seq, device=torch_device, allow_fewer=True)
-        self.val_tokens = len(self.val_batches) * micro
+                                       seq, device=torch_device, allow_fewer=True, **ranks)
+        self.val_tokens = len(self.val_batches) * self.schedule.round_tokens
         if self.val_tokens < self.tc["val_tokens"] and logger is not None:
             logger.print(f"note: the val shards fill only {self.val_tokens:,} tokens of "
                          f"micro-batches, fewer than val_tokens={self.tc['val_tokens']:,}: "
@@ -329,7 +389,8 @@ class TrainingManager:
     def train_step(self):
         """One optimizer step over the scheduled batch: gradient accumulation over fixed-size
         micro-batches, each loss divided by their number so the gradient is the mean over the
-        whole batch whatever the split. Returns the mean loss as a device tensor."""
+        whole batch whatever the split (the optimizer averages it over the ranks). Returns the
+        mean loss over all ranks as a device tensor."""
         step = self.step
         self.apply_schedule(step)
         accumulation = self.schedule.accumulation_steps(step)
@@ -344,13 +405,14 @@ class TrainingManager:
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.step += 1
-        return total / accumulation
+        return self.world.all_reduce_mean(total / accumulation)
 
     @torch.no_grad()
     def validate(self):
+        """The mean loss over the val batches; each rank has as many, its share of them."""
         losses = [self.compiled(inputs, targets, document_ids(inputs))
                   for inputs, targets in self.val_batches]
-        return torch.stack(losses).mean().item()
+        return self.world.all_reduce_mean(torch.stack(losses).mean()).item()
 
     # -- compile warm-up ------------------------------------------------------------------------
 
@@ -371,7 +433,7 @@ class TrainingManager:
         if tied:
             self.model.retie()
         self.model.load_state_dict(model_state)
-        self.optimizer = build_optimizer(self.model, self.config["optimizer_config"])
+        self.optimizer = build_optimizer(self.model, self.config["optimizer_config"], self.world)
         self.optimizer.load_state_dict(optimizer_state)
         self.train_loader.load_state_dict(loader_state)
         set_rng_state(rng)
@@ -395,12 +457,19 @@ class TrainingManager:
                 "config": self.config}
 
     def save_checkpoint(self, path):
-        """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+        """Write atomically: a crash mid-write leaves the previous checkpoint intact.
+
+        Every rank calls it (the optimizer state is gathered from all); rank 0 writes the one
+        file. The loader's state is a position in the stream all ranks share, so rank 0's
+        resumes every rank, on any world size.
+        """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.checkpoint_state(), tmp)
-        os.replace(tmp, path)
+        state = self.checkpoint_state()
+        if self.world.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
         return path
 
     def load_checkpoint(self, path, state=None):
@@ -417,7 +486,7 @@ class TrainingManager:
         self.train_loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step, self.train_time = state["step"], state["train_time"]
-        self.run_id = state["run_id"]
+        self.run_id = state.get("run_id", self.run_id)
         self.windows = tuple(self.model.windows.tolist())
         self.history = state["history"]
 
@@ -452,7 +521,11 @@ class TrainingManager:
                 if every and self.step % every == 0 and self.step < stop:
                     self.log_validation(self.validate())
         except KeyboardInterrupt:
-            if self.tc["save_on_interrupt"]:
+            if self.world.distributed:
+                # Ranks are interrupted at different points: a collective now could hang.
+                log(f"interrupted after step {self.step}; with several processes no checkpoint "
+                    "is written on interrupt (use --checkpoint_every)")
+            elif self.tc["save_on_interrupt"]:
                 path = self.save_checkpoint(self.checkpoint_path())
                 log(f"interrupted after step {self.step}; checkpoint saved to {path}; "
                     f"continue with --resume {path}")
@@ -482,7 +555,7 @@ class TrainingManager:
                 self._flops[self.windows] = self.model.flops_per_token(
                     self.schedule.micro_batch_tokens, self.windows)
             flops = self._flops[self.windows] * tokens
-            mfu = flops / step_time / (peak * 1e12)
+            mfu = flops / step_time / (peak * 1e12 * self.world.world_size)  # per GPU
             message += f" mfu {mfu:.1%}"
             metrics["train/mfu"] = mfu
         self.logger.step(self.step, message, metrics)
@@ -543,8 +616,9 @@ def git_commit():
         return None
 
 
-def environment_report(device):
-    lines = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+def environment_report(device, world):
+    lines = [f"python {platform.python_version()}", f"torch {torch.__version__}",
+             f"world size {world.world_size} ({world.world_size} x {device.name})"]
     try:
         import triton
 
@@ -561,7 +635,7 @@ def environment_report(device):
     return "\n".join(lines)
 
 
-def write_record(config, result, log_path, device, run_id):
+def write_record(config, result, log_path, device, run_id, world):
     """records/<date>_<run_name>/<uuid>.txt (code, config, environment, log) and .json."""
     date = datetime.now().strftime("%Y-%m-%d")
     tc = config["training_config"]
@@ -574,41 +648,74 @@ def write_record(config, result, log_path, device, run_id):
     for source in sources:
         parts.append(f"==== {source.relative_to(REPO_ROOT)} ====\n{source.read_text()}")
     parts.append(f"==== resolved config ====\n{json.dumps(config, indent=1, default=str)}")
-    parts.append(f"==== environment ====\n{environment_report(device)}")
+    parts.append(f"==== environment ====\n{environment_report(device, world)}")
     parts.append(f"==== log ====\n{Path(log_path).read_text()}")
     (folder / f"{run_id}.txt").write_text("\n\n".join(parts))
     figures = dict(result, seed=tc["seed"], git_commit=git_commit(), gpu=device.name,
+                   world_size=world.world_size,
+                   gpu_count=world.world_size if device.kind == "cuda" else 0,
                    torch=torch.__version__, run_id=run_id, date=date,
                    target_val_loss=tc["target_val_loss"], config_name=tc["run_name"])
     (folder / f"{run_id}.json").write_text(json.dumps(figures, indent=1))
     return folder / f"{run_id}.json"
 
 
-def run_training(config, resume=None, benchmark=False, profile=False, config_path=None):
-    """Set up the device, build the manager, train (or benchmark); returns an exit status."""
-    tc, lc = config["training_config"], config["logging_config"]
+def prepare_data(data_config, world, device):
+    """ensure_data on one process per node while the others wait; whether it went well on every
+    node (a failure is printed where it happened)."""
+    ok = True
+    if world.local_rank == 0:
+        try:
+            ensure_data(data_config)
+        except (ConfigError, ShardError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            ok = False
+    return world.all_true(ok, world.torch_device(device.kind))
+
+
+def run_training(config, resume=None, benchmark=False, profile=False, config_path=None,
+                 world=None):
+    """Set up the device (and under torchrun the process group), train or benchmark, tear
+    down; returns an exit status."""
+    world = world or World()
     utils.setup_environment(config["compile_config"]["cache_dir"])
     try:
-        device = utils.detect_device(tc["device"])
-        ensure_data(config["data_config"])
-    except (ConfigError, ShardError) as exc:
+        device = utils.detect_device(config["training_config"]["device"], world.local_rank)
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    utils.configure_torch(device, config["compile_config"])
+    world.init(device.kind)
+    try:
+        if not prepare_data(config["data_config"], world, device):
+            return 2
+        utils.configure_torch(device, config["compile_config"])
+        return train_and_report(config, device, world, resume, benchmark, profile, config_path)
+    finally:
+        world.shutdown()
+
+
+def train_and_report(config, device, world, resume, benchmark, profile, config_path):
+    """Build the manager and run it; failures become a logged message and an exit status."""
+    tc, lc = config["training_config"], config["logging_config"]
     state = None
-    if resume:
+    if resume:  # read first: a resumed run keeps its run id, so its log and record
         try:
-            state = read_checkpoint(resume, device.kind)
+            state = read_checkpoint(resume, world.torch_device(device.kind))
         except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
             print(f"error: cannot read checkpoint {resume}: {exc}", file=sys.stderr)
             return 2
-    run_id = state["run_id"] if state else str(uuid.uuid4())
+    run_id = (state or {}).get("run_id") or str(uuid.uuid4())  # older checkpoints have none
+    run_id = world.broadcast_object(run_id, world.torch_device(device.kind))
     log_path = Path(repo_path(lc["log_dir"])) / f"{run_id}.txt"
-    logger = RunLogger(log_path, lc, config, Schedule(config).total, tc["run_name"])
-    logger.print(f"run {run_id} | config {config_path} | device {device.name} | log {log_path}")
+    if world.is_main:
+        logger = RunLogger(log_path, lc, config, Schedule(config).total, tc["run_name"])
+    else:
+        logger = RankLogger(log_path, world.rank)
+    devices = f"{world.world_size} x {device.name}" if world.distributed else device.name
+    logger.print(f"run {run_id} | config {config_path} | device {devices} | log {log_path}")
     manager = None
     try:
-        manager = TrainingManager(config, device, logger)
+        manager = TrainingManager(config, device, logger, world)
         manager.run_id = run_id
         if benchmark:
             import benchmark as bench
@@ -626,21 +733,21 @@ def run_training(config, resume=None, benchmark=False, profile=False, config_pat
                      f"{result['train_time']:.1f}s ({result['train_time'] / 60:.2f} min) | "
                      f"{result['steps']} steps | target {tc['target_val_loss']} "
                      f"{'reached' if reached else 'not reached'}")
-        if not result["early_stopped"]:
-            record = write_record(config, result, log_path, device, run_id)
+        if not result["early_stopped"] and world.is_main:
+            record = write_record(config, result, log_path, device, run_id, world)
             logger.print(f"record attempt written: {record}")
         return 0
     except (ShardError, ConfigError, FileNotFoundError) as exc:
-        logger.print(f"error: {exc}")
+        logger.error(exc)
         return 2
     except TrainingError as exc:
-        logger.print(f"error: {exc}")
+        logger.error(exc)
         return 1
     except torch.cuda.OutOfMemoryError:
         micro = manager.schedule.micro_batch_tokens if manager else "?"
         multiple = tc["batch_size_multiple"]
-        logger.print(
-            f"error: CUDA out of memory with micro-batches of {micro} tokens. Lower "
+        logger.error(
+            f"CUDA out of memory with micro-batches of {micro} tokens. Lower "
             f"BATCH_SIZE_MULTIPLE (now {multiple}; e.g. BATCH_SIZE_MULTIPLE="
             f"{max(1, multiple // 2)}): the tokens per optimizer step stay the same, only the "
             "micro-batch shrinks")

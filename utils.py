@@ -82,8 +82,9 @@ def peak_tflops_for(name):
     return None
 
 
-def detect_device(kind):
-    """Describe the device; raises ConfigError when CUDA is asked for and there is none."""
+def detect_device(kind, index=0):
+    """Describe the device (GPU ``index``, torchrun's LOCAL_RANK); raises ConfigError when CUDA
+    is asked for and there is none, or fewer GPUs than processes on this node."""
     import torch
 
     if kind == "cpu":
@@ -92,7 +93,12 @@ def detect_device(kind):
         raise ConfigError("this config needs a CUDA GPU and none was found. On a machine "
                           "without one, use --config config/cpu.py (a tiny model sized for the "
                           "CPU) or add --device cpu")
-    props = torch.cuda.get_device_properties(0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"process {index} of this node needs GPU {index}, but only {count} "
+                          f"are visible: start at most {count} per node "
+                          f"(torchrun --nproc_per_node={count})")
+    props = torch.cuda.get_device_properties(index)
     return DeviceInfo(
         kind="cuda",
         name=props.name,

@@ -298,6 +298,10 @@ def test_ranks_partition_the_single_rank_stream(tmp_path, train_shards):
     resumed = BatchStream(files, T, MAX_SEQ_LEN, rank=1, world_size=2)
     resumed.load_state_dict(rank0_state_after(files, rounds=7))
     assert same_batches(take(resumed, 3), [reference[15], reference[17], reference[19]])
+    # The state is a position in the single-rank stream: one rank resumes from it too.
+    single = BatchStream(files, T, MAX_SEQ_LEN)
+    single.load_state_dict(rank0_state_after(files, rounds=7))
+    assert same_batches(take(single, 3), reference[14:17])
 
 
 # ----------------------------------------------------------------------------- DataLoader

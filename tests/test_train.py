@@ -29,7 +29,10 @@ def make_shard(path, num_tokens, seed):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
+    return write_tiny_shards(tmp_path_factory.mktemp("shards"))
+
+
+def write_tiny_shards(folder):
     make_shard(folder / "tiny_train_000000.bin", 40_000, 0)
     make_shard(folder / "tiny_train_000001.bin", 20_000, 1)
     make_shard(folder / "tiny_val_000000.bin", 5_000, 2)
@@ -38,6 +41,10 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture
 def config(tmp_path, data_dir):
+    return tiny_config(tmp_path, data_dir)
+
+
+def tiny_config(tmp_path, data_dir):
     """config/cpu.py shrunk to seconds: 12 + 2 steps, stages at steps 4 and 8, untie at 6."""
     config = run.load_config(utils.REPO_ROOT / "config" / "cpu.py")
     config["model_config"].update(num_layers=4, model_dim=32, num_heads=2, head_dim=16,
