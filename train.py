@@ -609,11 +609,18 @@ def ensure_data(dc):
 
 
 def git_commit():
+    """HEAD's hash, with "-dirty" when tracked files differ from it (the record's .txt then
+    holds the sources that actually ran); None outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
+    return f"{head}-dirty" if head and dirty else head or None
 
 
 def environment_report(device, world):

@@ -340,3 +340,18 @@ def test_benchmark_mode_reports_every_stage(config, tmp_path):
                                                     * 1000)
     log = (tmp_path / "log.txt").read_text()
     assert "ms/step" in log and "Self CPU" in log
+
+
+def test_git_commit_marks_a_modified_checkout(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    monkeypatch.setattr(train, "REPO_ROOT", tmp_path)
+    clean = train.git_commit()
+    assert len(clean) == 40
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert train.git_commit() == clean + "-dirty"
