@@ -155,3 +155,102 @@ def format_table(result):
                f"{r['tflops']:>8.1f} {cell(r['mfu'], '>6.1%')} "
                f"{r['optimizer_share']:>6.1%} {cell(r['peak_allocated_gb'], '>9.1f')} "
                f"{cell(r['peak_reserved_gb'], '>8.1f')}")
+
+
+# ----------------------------------------------------------------------------------------------
+# FlexAttention kernel options: `python3 benchmark.py --attention VAL_PATTERN` times forward and
+# forward + backward of one micro-batch's attention (real document boundaries from the val
+# shards, the base config's shapes and windows) under each candidate below, checks each
+# against inductor's default choice, and prints a table. On the H100 no candidate beat the
+# default (README, Speed), so the model passes no kernel options.
+
+ATTENTION_CANDIDATES = {
+    "default": {},
+    "fwd 128x64 w8 s3": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_warps=8, fwd_num_stages=3),
+    "fwd 128x128 w8 s2": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=128, fwd_num_warps=8,
+                              fwd_num_stages=2),
+    "fwd 64x128 w4 s3": dict(fwd_BLOCK_M=64, fwd_BLOCK_N=128, fwd_num_warps=4, fwd_num_stages=3),
+    "bwd 64x128 w8 s3": dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128,
+                             bwd_BLOCK_N2=64, bwd_num_warps=8, bwd_num_stages=3),
+    "bwd 64x64 w4 s3": dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=64,
+                            bwd_num_warps=4, bwd_num_stages=3),
+    "bwd 32x128 w4 s3": dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128,
+                             bwd_BLOCK_N2=32, bwd_num_warps=4, bwd_num_stages=3),
+    "bwd 64x128 w8 s2": dict(bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128,
+                             bwd_BLOCK_N2=64, bwd_num_warps=8, bwd_num_stages=2),
+}
+
+
+def attention_sweep(val_pattern, windows=(1, 3, 5, 11), reps=20):
+    """Rows of (name, window in blocks, forward ms, forward + backward ms, largest relative
+    error of output and gradients against the default's)."""
+    import torch._dynamo.config as dynamo_config
+    from torch.nn.attention.flex_attention import flex_attention
+    from triton.testing import do_bench
+
+    import config.base as base
+    import model as M
+    from data.loader import val_batches
+
+    mc, tc = base.model_config, base.training_config
+    tokens = tc["batch_size_multiple"] * tc["max_seq_len"]
+    inputs, _ = val_batches(val_pattern, tokens, tokens, tc["max_seq_len"], "cuda")[0]
+    docs = M.document_ids(inputs)
+    # (1, T, H, D) seen as (1, H, T, D), the model's layout; unit-RMS rows like its normed q
+    # and k, q carrying the attention scale
+    shape = (1, tokens, mc["num_heads"], mc["head_dim"])
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(shape, device="cuda", generator=g) for _ in range(3))
+    q = (q * mc["attn_scale"]).bfloat16().requires_grad_()
+    k, v = k.bfloat16().requires_grad_(), v.bfloat16().requires_grad_()
+    grad_out = torch.randn(shape, device="cuda", generator=g).bfloat16().transpose(1, 2)
+    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+    rows, reference = [], {}
+    for name, options in ATTENTION_CANDIDATES.items():
+        attend = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+        for window in windows:
+            mask = M.block_attention_masks(docs, (window,), mc["block_size"])[0]
+
+            def forward(mask=mask, options=options, attend=attend):
+                return attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              block_mask=mask, scale=1.0, kernel_options=options)
+
+            def forward_backward(forward=forward):
+                return torch.autograd.grad(forward(), (q, k, v), grad_out)
+
+            try:
+                outputs = (forward().detach(), *forward_backward())
+            except Exception as exc:  # a config the compiler rejects (shared memory, divisibility)
+                rows.append((name, window, None, None, type(exc).__name__))
+                continue
+            reference.setdefault(window, outputs)
+            error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                        for a, b in zip(outputs, reference[window], strict=True))
+            rows.append((name, window,
+                         do_bench(forward, rep=reps * 10, return_mode="median"),
+                         do_bench(forward_backward, rep=reps * 10, return_mode="median"),
+                         error))
+    return rows
+
+
+def main(argv=None):
+    import argparse
+
+    import utils
+
+    parser = argparse.ArgumentParser(description="Time FlexAttention kernel options")
+    parser.add_argument("--attention", metavar="VAL_PATTERN", required=True,
+                        help="val shard pattern whose first micro-batch gives the documents")
+    args = parser.parse_args(argv)
+    utils.setup_environment()
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
+    print(f"{'candidate':<20} {'win':>5} {'fwd ms':>7} {'fwd+bwd ms':>10} {'rel err':>8}")
+    for name, win, fwd, total, error in attention_sweep(args.attention):
+        if fwd is None:
+            print(f"{name:<20} {win:>5} failed: {error}")
+        else:
+            print(f"{name:<20} {win:>5} {fwd:>7.3f} {total:>10.3f} {error:>8.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,8 @@ Shapes: the model takes one packed sequence of T token ids (T a multiple of the 
 attention block). Documents start with BOS (50256) and attend only within themselves.
 On CUDA attention runs through FlexAttention with block-sparse masks; on the CPU (where
 FlexAttention has no backward pass) through scaled_dot_product_attention with the equivalent
-dense mask. Both obey the same rule, see ``dense_attention_mask``.
+dense mask. Both obey the same rule, see ``dense_attention_mask``. On CUDA the residual stream
+and activations are bf16 (``GPT.compute_dtype``), on the CPU float32.
 """
 
 import math
@@ -112,9 +113,13 @@ def _frozen(value):
     return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+NORM_EPS = torch.finfo(torch.float32).eps
+
+
 def norm(x: Tensor) -> Tensor:
-    """RMSNorm without a learnable weight."""
-    return F.rms_norm(x, (x.size(-1),))
+    """RMSNorm without a learnable weight. The eps is float32's at every dtype: by default a
+    bf16 input would get bf16's (2**-7), a different function from the float32 path's."""
+    return F.rms_norm(x, (x.size(-1),), eps=NORM_EPS)
 
 
 def make_param(tensor, label, lr_mul=1.0, wd_mul=1.0):
@@ -262,12 +267,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, ve, mask, freqs, scale):
         T = x.size(1)
-        q, k, v = F.linear(x, self.qkvo[:3].flatten(0, 1)).view(
+        q, k, v = F.linear(x, self.qkvo[:3].flatten(0, 1).type_as(x)).view(
             1, T, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = apply_rotary(norm(q), freqs), apply_rotary(norm(k), freqs)
         if self.value_gate is not None:
             # 2 * sigmoid(0) = 1: the value embedding is added at full strength at the start
-            gate = 2 * torch.sigmoid(F.linear(gate_input(x), self.value_gate))
+            gate = 2 * torch.sigmoid(F.linear(gate_input(x), self.value_gate.type_as(x)))
             v = v + gate[..., None] * ve.view_as(v)
         q, k, v = (t.transpose(1, 2) for t in (q * scale.type_as(q), k, v))
         if isinstance(mask, BlockMask):
@@ -277,7 +282,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2)
         if self.out_gate is not None:
             # sigmoid(0) = 0.5: every head starts at half strength, the same for all heads
-            y = y * torch.sigmoid(F.linear(gate_input(x), self.out_gate))[..., None]
+            y = y * torch.sigmoid(F.linear(gate_input(x), self.out_gate.type_as(x)))[..., None]
         return y.flatten(2) @ self.qkvo[3].type_as(y)
 
 
@@ -398,8 +403,7 @@ class GPT(nn.Module):
         tensor computed inside the same graph (seen with torch 2.11 at T = 64K)."""
         if docs is None:
             docs = document_ids(inputs)
-        with torch.autocast("cuda", torch.bfloat16, enabled=inputs.is_cuda):
-            hidden = self.hidden_states(inputs, docs)
+        hidden = self.hidden_states(inputs, docs)
         # (T, D) rows: indexing (1, T, V) logits would cost a full copy of their gradient in
         # the backward pass (seen in the profile: 4 ms a micro-batch)
         hidden, head = hidden[0], self.lm_head.type_as(hidden)
@@ -420,6 +424,13 @@ class GPT(nn.Module):
     def softcap(self, z):
         return kernels.softcap(z, *self.softcap_args)
 
+    @staticmethod
+    def compute_dtype(inputs):
+        """The dtype of the residual stream, the activations and the matmul inputs: bf16 on
+        CUDA; float32 elsewhere, the reference the CUDA path is tested against. Weights stay
+        float32 and are cast where used; reductions (norms, softmax, loss) run in float32."""
+        return torch.bfloat16 if inputs.is_cuda else torch.float32
+
     def attention_masks(self, inputs, docs):
         windows = (self.windows[0], self.windows[1])
         if inputs.is_cuda:
@@ -432,15 +443,17 @@ class GPT(nn.Module):
     def hidden_states(self, inputs, docs):
         config = self.config
         masks = self.attention_masks(inputs, docs)
-        x = F.embedding(inputs, self.lm_head if self.embed is None else self.embed)[None]
+        dtype = self.compute_dtype(inputs)
+        table = self.lm_head if self.embed is None else self.embed
+        x = F.embedding(inputs, table)[None].to(dtype)
         if config.smear_gate:
             # Mix in the previous token, except across a document start.
             gate = torch.sigmoid(gate_input(x[:, 1:]) @ self.smear_gate.type_as(x))
             gate = gate * (inputs[1:] != BOS_ID)
-            x = torch.cat([x[:, :1], x[:, 1:] + self.smear_lambda * gate[..., None] * x[:, :-1]],
-                          dim=1)
+            smear = self.smear_lambda.type_as(x) * gate[..., None] * x[:, :-1]
+            x = torch.cat([x[:, :1], x[:, 1:] + smear], dim=1)
         x = x0 = norm(x)
-        value_embeds = [F.embedding(inputs, table)[None] for table in self.value_embeds]
+        value_embeds = [F.embedding(inputs, t)[None].to(dtype) for t in self.value_embeds]
         skip_sources = {src: i for i, (src, _) in enumerate(config.skip_connections)}
         skip_targets = {dst: i for i, (_, dst) in enumerate(config.skip_connections)}
         saved, backout = {}, None
@@ -457,7 +470,7 @@ class GPT(nn.Module):
             if layer == config.backout_layer:
                 backout = x
         if backout is not None:
-            x = x - self.backout_lambda * backout
+            x = x - self.backout_lambda.type_as(x) * backout
         return norm(x)
 
     # -- measurement and use ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The compiled CUDA path (FlexAttention block masks, bf16 autocast) against the plain float32
+"""The compiled CUDA path (FlexAttention block masks, bf16 activations) against the plain float32
 CPU path (dense-mask SDPA). Skipped without a GPU; run on one with `pytest tests/test_gpu.py`."""
 
 import copy
@@ -37,9 +37,16 @@ def test_cuda_path_matches_cpu_reference(tiny_model_config, compiled):
     loss_gpu = run(x.cuda(), y.cuda(), M.document_ids(x.cuda()))
     loss_gpu.backward()
     assert loss_gpu.item() == pytest.approx(loss_ref.item(), rel=1e-2)
-    for (name, p_ref), p_gpu in zip(reference.named_parameters(), gpu.parameters(), strict=True):
-        error = (p_gpu.grad.cpu() - p_ref.grad).norm() / p_ref.grad.norm().clamp_min(1e-12)
-        assert error < 5e-2, name
+    errors = {name: ((p_gpu.grad.cpu() - p_ref.grad).norm()
+                     / p_ref.grad.norm().clamp_min(1e-12)).item()
+              for (name, p_ref), p_gpu in zip(reference.named_parameters(), gpu.parameters(),
+                                              strict=True)}
+    # The bf16 residual stream costs ~2% on matrix gradients; the per-layer mix scalars' are
+    # sums over every token and channel that largely cancel, measured up to 7% on the H100.
+    limits = {name: 0.1 if p.ndim < 2 else 5e-2 for name, p in reference.named_parameters()}
+    print({name: round(e, 4) for name, e in errors.items()})
+    assert all(errors[n] < limits[n] for n in errors), {
+        n: e for n, e in errors.items() if e >= limits[n]}
 
 
 def test_window_change_does_not_recompile(tiny_model_config):

@@ -282,3 +282,39 @@ def test_base_parameter_count_matches_readme():
     readme = (Path(M.__file__).parent / "README.md").read_text()
     found = re.search(r"([\d,]+) parameters", readme)
     assert found and int(found.group(1).replace(",", "")) == count
+
+
+def test_bf16_compute_keeps_activations_bf16_and_tracks_float32(tiny_model_config, monkeypatch):
+    """The CUDA dtype plan, run on the CPU: with bf16 compute every block's output and the
+    hidden states reaching the lm_head op are bf16 (a float32 scalar parameter promoting the
+    residual stream would make the lm_head matmul float32 and its (T, V) buffer twice the
+    size), the parameters and their gradients stay float32, and the loss and gradients stay
+    close to the float32 model's."""
+    gpt = make_model(tiny_model_config)
+    x = tokens(128, doc_starts=(0, 50))
+    y = torch.roll(x, -1)
+    loss32 = gpt(x, y)
+    grads32 = torch.autograd.grad(loss32, list(gpt.parameters()))
+
+    monkeypatch.setattr(M.GPT, "compute_dtype", staticmethod(lambda inputs: torch.bfloat16))
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+             for b in gpt.blocks]
+    op = M.kernels.linear_softcap_cross_entropy
+
+    def recording_op(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return op(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(M.kernels, "linear_softcap_cross_entropy", recording_op)
+    loss16 = gpt(x, y)
+    grads16 = torch.autograd.grad(loss16, list(gpt.parameters()))
+    for h in hooks:
+        h.remove()
+    assert seen == [torch.bfloat16] * len(gpt.blocks) + [(torch.bfloat16, torch.bfloat16)]
+    assert loss16.dtype == torch.float32
+    assert loss16.item() == pytest.approx(loss32.item(), rel=1e-2)
+    for (name, p), g16, g32 in zip(gpt.named_parameters(), grads16, grads32, strict=True):
+        assert p.dtype == g16.dtype == torch.float32, name
+        error = (g16 - g32).norm() / g32.norm().clamp_min(1e-12)
+        assert error < 0.1, (name, error.item())
