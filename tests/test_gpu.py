@@ -93,3 +93,14 @@ def test_linear_softcap_cross_entropy_on_gpu(tanh, compiled, fp8):
         error = ((got - want).norm() / want.norm()).item()
         print(f"fp8={fp8} tanh={tanh} compiled={compiled}: relative gradient error {error:.4f}")
         assert error < grad_tol
+
+
+def test_transpose_on_gpu():
+    """The tiled Triton transpose (used for the float8 gradient) against torch's copy."""
+    from kernels import transpose
+
+    for dtype, shape in ((torch.float8_e5m2, (4096, 50304)), (torch.bfloat16, (1000, 777))):
+        x = (torch.randn(shape, device="cuda") * 100).to(dtype)
+        got = transpose(x)
+        assert got.shape == shape[::-1] and got.is_contiguous()
+        assert torch.equal(got.view(torch.uint8), x.t().contiguous().view(torch.uint8))

@@ -123,3 +123,32 @@ def test_triton_kernel_matches_reference_in_interpreter():
                             env=env, cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kernel matches reference" in result.stdout
+
+
+TRANSPOSE_CHECK = textwrap.dedent("""
+    import torch, kernels
+    torch.manual_seed(0)
+    for dtype, (rows, cols) in ((torch.bfloat16, (70, 130)), (torch.float8_e5m2, (129, 64)),
+                                (torch.float32, (5, 3))):
+        x = (torch.randn(rows, cols) * 100).to(dtype)
+        got = kernels.kernel_transpose(x)
+        assert got.dtype == dtype and got.shape == (cols, rows) and got.is_contiguous()
+        # compared as bytes: torch.equal has no float8 kernel
+        assert torch.equal(got.view(torch.uint8), x.t().contiguous().view(torch.uint8)), dtype
+    try:
+        kernels.kernel_transpose(torch.zeros(4, 6).t())
+    except ValueError as exc:
+        assert "row-major" in str(exc)
+    else:
+        raise AssertionError("a column-major input was accepted")
+    print("transpose matches torch")
+""")
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+def test_triton_transpose_matches_torch_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", TRANSPOSE_CHECK], capture_output=True,
+                            text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transpose matches torch" in result.stdout
