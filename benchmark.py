@@ -181,7 +181,7 @@ ATTENTION_CANDIDATES = {
 }
 
 
-def attention_sweep(val_pattern, windows=(1, 3, 5, 11), reps=20):
+def attention_sweep(val_pattern, windows=(1, 3, 5, 11), rep_ms=200):
     """Rows of (name, window in blocks, forward ms, forward + backward ms, largest relative
     error of output and gradients against the default's)."""
     import torch._dynamo.config as dynamo_config
@@ -227,8 +227,8 @@ def attention_sweep(val_pattern, windows=(1, 3, 5, 11), reps=20):
             error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
                         for a, b in zip(outputs, reference[window], strict=True))
             rows.append((name, window,
-                         do_bench(forward, rep=reps * 10, return_mode="median"),
-                         do_bench(forward_backward, rep=reps * 10, return_mode="median"),
+                         do_bench(forward, rep=rep_ms, return_mode="median"),
+                         do_bench(forward_backward, rep=rep_ms, return_mode="median"),
                          error))
     return rows
 

@@ -111,7 +111,6 @@ if triton is not None:
                 p = tl.exp(c - lse) - tl.where(cols == target, 1.0, 0.0)
                 tl.store(out + cols, (scale * p * dc).to(out.dtype.element_ty), mask=inside)
 
-
     @triton.jit
     def _transpose_kernel(src_ptr, dst_ptr, rows, cols, src_stride, dst_stride,
                           BLOCK: tl.constexpr):
