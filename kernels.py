@@ -1,4 +1,5 @@
-"""The lm_head and its softcapped cross-entropy as one op, with the plain PyTorch it must equal.
+"""Fused and float8 ops, each with the plain PyTorch it must equal: the lm_head and its
+softcapped cross-entropy as one op, and a float8 linear layer for the MLP.
 
 The speedrun's loss takes (T, V) logits = hidden @ W.T, softcaps them and takes the
 cross-entropy in float32. Left to autograd that keeps the logits for the backward pass and then
@@ -12,9 +13,13 @@ With ``fp8`` on a GPU of compute capability 8.9 or later the three matmuls run i
 (torch._scaled_mm): hidden and W in e4m3 with one dynamic scale each, the logits' gradient in
 e5m2, written by the kernel straight from float32 with a fixed power-of-two scale that its
 analytic bound allows. Elsewhere ``fp8`` is ignored and the matmuls run in the inputs' dtype.
+
+``linear(x, weight, fp8=True)`` runs x @ weight.T and both of its backward matmuls in float8
+with one dynamic scale per tensor (e4m3 for x and the weight, e5m2 for the output's gradient).
+It is plain torch ops under torch.compile, so inductor fuses the scaling, casts and the
+transposes that the weight gradient's float8 layout needs into the neighbouring kernels.
 """
 
-import functools
 import math
 
 import torch
@@ -29,7 +34,6 @@ except ImportError:  # no triton (macOS, some CPU-only installs): the PyTorch pa
 
 BLOCK_V = 1024  # vocabulary columns per inner iteration
 BLOCK_T = 64  # tile side of the transpose kernel
-E4M3_MAX = 448.0
 E5M2_MAX = 57344.0
 
 
@@ -158,21 +162,21 @@ def kernel_loss_and_grad(logits, targets, cap, shift, temp, tanh, grad=None, gra
     return loss
 
 
-@functools.cache
-def _fp8_capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 9)
-
-
 def use_fp8(hidden: Tensor, weight: Tensor, fp8: bool) -> bool:
-    """float8 only on CUDA 8.9+ and with every matmul dimension a multiple of 16."""
-    return (fp8 and hidden.is_cuda and triton is not None and _fp8_capable(hidden.device.index)
-            and all(n % 16 == 0 for n in (*hidden.shape, weight.size(0))))
+    """float8 only on CUDA 8.9+ and with every matmul dimension a multiple of 16.
+    (get_device_properties, unlike a cached helper, is constant-folded by torch.compile.)"""
+    if not (fp8 and hidden.is_cuda and triton is not None):
+        return False
+    props = torch.cuda.get_device_properties(hidden.device)
+    return ((props.major, props.minor) >= (8, 9)
+            and all(n % 16 == 0 for n in (*hidden.shape, *weight.shape)))
 
 
-def _to_e4m3(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x / scale in float8 e4m3, scale = amax / 448 (a device tensor: no host sync)."""
-    scale = x.abs().amax().float().clamp_min(1e-12) / E4M3_MAX
-    return (x / scale).to(torch.float8_e4m3fn), scale
+def to_float8(x: Tensor, dtype=torch.float8_e4m3fn) -> tuple[Tensor, Tensor]:
+    """x / scale in float8 ``dtype``, scale = amax / the format's largest value (a float32
+    device tensor: no host sync)."""
+    scale = x.abs().amax().float().clamp_min(1e-12) / torch.finfo(dtype).max
+    return (x / scale).to(dtype), scale
 
 
 def _column_major(x: Tensor) -> Tensor:
@@ -195,7 +199,7 @@ def _linear_softcap_ce(hidden: Tensor, weight: Tensor, targets: Tensor, cap: flo
         loss, grad = loss_and_grad(hidden @ weight.t(), targets, cap, shift, temp, tanh)
         return loss.mean(), grad.to(hidden.dtype) if with_grad else empty
     if use_fp8(hidden, weight, fp8):
-        (x8, x_scale), (w8, w_scale) = _to_e4m3(hidden), _to_e4m3(weight)
+        (x8, x_scale), (w8, w_scale) = to_float8(hidden), to_float8(weight)
         logits = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale,
                                   out_dtype=torch.bfloat16, use_fast_accum=True)
         grad = torch.empty_like(logits, dtype=torch.float8_e5m2) if with_grad else None
@@ -230,7 +234,7 @@ def _linear_softcap_ce_backward(grad: Tensor, hidden: Tensor, weight: Tensor,
         # scale stays float32 (a 1-element tensor promotes): a bf16 scale would be off by up to
         # 0.4% for the whole gradient
         return (grad @ weight).mul_(scale), (grad.t() @ hidden).mul_(scale)
-    (x8, x_scale), (w8, w_scale) = _to_e4m3(hidden), _to_e4m3(weight)
+    (x8, x_scale), (w8, w_scale) = to_float8(hidden), to_float8(weight)
     grad_hidden = torch._scaled_mm(grad, _column_major(w8), scale_a=scale, scale_b=w_scale,
                                    out_dtype=hidden.dtype)
     grad_weight = torch._scaled_mm(transpose(grad), _column_major(x8), scale_a=scale,
@@ -269,3 +273,42 @@ def linear_softcap_cross_entropy(hidden, weight, targets, cap, shift, temp, tanh
                                  float(cap), float(shift), float(temp), bool(tanh), bool(fp8),
                                  with_grad)
     return loss
+
+
+class _Float8Linear(torch.autograd.Function):
+    """x @ weight.T for a 2-D x, its three matmuls in float8. Saves the float8 x and weight
+    for the backward pass: half the bytes of a bf16 x."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        (x8, x_scale), (w8, w_scale) = to_float8(x), to_float8(weight)
+        ctx.save_for_backward(x8, x_scale, w8, w_scale)
+        ctx.weight_dtype = weight.dtype
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale,
+                                out_dtype=x.dtype, use_fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, x_scale, w8, w_scale = ctx.saved_tensors
+        g8, g_scale = to_float8(grad, torch.float8_e5m2)
+        # float8 matmuls take their second operand column-major: both operands K-major
+        grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_scale,
+                                  scale_b=w_scale, out_dtype=grad.dtype)
+        grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(),
+                                  scale_a=g_scale, scale_b=x_scale, out_dtype=ctx.weight_dtype)
+        return grad_x, grad_w
+
+
+def float8_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T through ``_Float8Linear`` on any device (torch._scaled_mm runs on the CPU
+    too, which is how the tests check it)."""
+    rows = x.reshape(-1, x.size(-1))
+    return _Float8Linear.apply(rows, weight).view(*x.shape[:-1], weight.size(0))
+
+
+def linear(x: Tensor, weight: Tensor, fp8: bool = False) -> Tensor:
+    """x @ weight.T in x's dtype, or in float8 where ``use_fp8`` allows (the weight is then
+    quantized from its own dtype, and its gradient comes back in that dtype)."""
+    if use_fp8(x.reshape(-1, x.size(-1)), weight, fp8):
+        return float8_linear(x, weight)
+    return F.linear(x, weight.type_as(x))

@@ -61,6 +61,7 @@ class GPTConfig:
     softcap_temp: float
     fused_loss: bool  # lm_head + softcap + cross-entropy as one op, gradient in forward
     fp8_lm_head: bool  # that op's matmuls in float8 on CUDA capability >= 8.9 (kernels.py)
+    fp8_mlp: bool  # the MLP's matmuls in float8 there too (kernels.linear)
     init_std: float  # matrices: uniform with std init_std / sqrt(fan_in)
     lm_head_init_std: float  # the (tied) head/embedding: normal with this std
 
@@ -292,6 +293,7 @@ class MLP(nn.Module):
         dim, hidden = config.model_dim, config.ffn_dim
         width = 2 * hidden if config.activation in GATED_ACTIVATIONS else hidden
         self.activation = ACTIVATIONS[config.activation]
+        self.fp8 = config.fp8_mlp
         self.fc = make_param(uniform_matrix(width, dim, std_scale=config.init_std, fan_in=dim),
                              "mlp")
         # (dim, hidden) gets no shape boost in the matrix optimizer, unlike (hidden, dim);
@@ -300,7 +302,8 @@ class MLP(nn.Module):
                                lr_mul=max(1.0, hidden / dim) ** 0.5)
 
     def forward(self, x):
-        return F.linear(self.activation(F.linear(x, self.fc.type_as(x))), self.proj.type_as(x))
+        fc = kernels.linear(x, self.fc, self.fp8)
+        return kernels.linear(self.activation(fc), self.proj, self.fp8)
 
 
 class Block(nn.Module):

@@ -265,8 +265,8 @@ def adam_update_(
     exp_avg_sq: Tensor,
     betas: tuple[float, float],
     eps: float,
-    step_size: float,
-    decay: float,
+    step_size: Tensor | float,
+    decay: Tensor | float,
 ) -> None:
     """One Adam step on ``p`` and its fp32 moments, all in place.
 
@@ -278,8 +278,34 @@ def adam_update_(
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     update = exp_avg.div(exp_avg_sq.sqrt().add_(eps)).mul_(step_size)
-    update.addcmul_(p, (update * p) > 0, value=decay)
+    update.add_(p * ((update * p) > 0) * decay)
     p.sub_(update)
+
+
+def matrix_update(M: Tensor, weights: Tensor, state: dict, method: str, hp: dict, lr: Tensor,
+                  decay: Tensor) -> Tensor:
+    """New weights from the Nesterov momentum ``M``: the method's direction, then the cautious
+    update; ``state`` is updated in place (ARO's rotation is replaced in the dict)."""
+    if method == "normuon":
+        U = normuon_direction(M, state["second_moment"], hp["beta2"], hp["ns_steps"])
+    elif method == "bam":
+        U = sink_norm(M)
+    else:
+        U, state["rotation"] = aro_direction(M, state["rotation"], hp["sinkhorn_iters"],
+                                             hp["rms"])
+    return cautious_update(weights, U, lr, decay)
+
+
+# On CUDA the two updates run compiled: one fused kernel where eager PyTorch launches a dozen
+# over the same tensors. Values that change every step come in as device tensors
+# (``_device_scalars``), so the graphs compile once (in the trainer's warm-up).
+_compiled_adam_update_ = torch.compile(adam_update_, fullgraph=True, dynamic=False)
+_compiled_matrix_update = torch.compile(matrix_update, fullgraph=True, dynamic=False)
+
+
+def _device_scalars(values: list[float], device: torch.device) -> Tensor:
+    """float32 values on ``device``, copied from pinned memory without a host sync."""
+    return torch.tensor(values, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
 
 
 # -----------------------------------------------------------------------------------------
@@ -320,16 +346,13 @@ class _AdamGroup:
             lr = self.hp["lr"] * lr_factor * e.lr_mul
             step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
             decay = self.hp["weight_decay"] * e.wd_mul * lr * lr
-            adam_update_(
-                e.param,
-                e.param.grad,
-                e.state["exp_avg"],
-                e.state["exp_avg_sq"],
-                betas,
-                self.hp["eps"],
-                step_size,
-                decay,
-            )
+            update = adam_update_
+            # The scalar group's many small shapes would each compile: it stays eager.
+            if e.param.is_cuda and e.param.ndim >= 2:
+                update = _compiled_adam_update_
+                step_size, decay = _device_scalars([step_size, decay], e.param.device)
+            update(e.param, e.param.grad, e.state["exp_avg"], e.state["exp_avg_sq"], betas,
+                   self.hp["eps"], step_size, decay)
 
 
 class _Stack:
@@ -496,22 +519,14 @@ class _MatrixGroup:
         buf = state["momentum_buffer"]
         buf.lerp_(grads, 1 - momentum)
         M = grads.lerp_(buf, momentum)
-        if self.method == "normuon":
-            U = normuon_direction(M, state["second_moment"], self.hp["beta2"], self.hp["ns_steps"])
-        elif self.method == "bam":
-            U = sink_norm(M)
-        else:
-            U, state["rotation"] = aro_direction(
-                M, state["rotation"], self.hp["sinkhorn_iters"], self.hp["rms"]
-            )
-
         lr_mul, wd_mul = self._per_matrix_multipliers(stack.entries, stack.counts)
         lr_mul, wd_mul = lr_mul[stack.lo:stack.hi], wd_mul[stack.lo:stack.hi]
         group_lr = self.hp["lr"] * lr_factor
         shape_factor = 1.0 if self.method == "aro" else max(1.0, stack.rows / stack.cols) ** 0.5
         lr = lr_mul * (group_lr * shape_factor)
         decay = wd_mul * (self.hp["weight_decay"] * group_lr) * lr
-        return cautious_update(weights, U, lr, decay)
+        update = _compiled_matrix_update if M.is_cuda else matrix_update
+        return update(M, weights, state, self.method, self.hp, lr, decay)
 
 
 # -----------------------------------------------------------------------------------------

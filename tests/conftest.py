@@ -23,5 +23,5 @@ def tiny_model_config():
         yarn_attn_factor=0.2, value_embed_layers=((0, 3),), attn_gate=True, smear_gate=True,
         skip_connections=((0, 3),), backout_layer=1, residual_init=1.1, x0_init=0.0,
         skip_lambda_init=-1.5, backout_init=0.5, logit_softcap=23.0, softcap_form="sigmoid",
-        softcap_shift=5.0, softcap_temp=7.5, fused_loss=True, fp8_lm_head=False, init_std=0.5,
-        lm_head_init_std=0.005)
+        softcap_shift=5.0, softcap_temp=7.5, fused_loss=True, fp8_lm_head=False, fp8_mlp=False,
+        init_std=0.5, lm_head_init_std=0.005)

@@ -152,3 +152,45 @@ def test_triton_transpose_matches_torch_in_interpreter():
                             text=True, env=env, cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transpose matches torch" in result.stdout
+
+
+def dequantized(x, dtype=torch.float8_e4m3fn):
+    x8, scale = kernels.to_float8(x, dtype)
+    return x8.float() * scale
+
+
+def test_to_float8_uses_the_whole_range_and_round_trips():
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)) * 1e-3
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        x8, scale = kernels.to_float8(x, dtype)
+        assert x8.dtype == dtype and scale.dtype == torch.float32 and scale.numel() == 1
+        assert x8.float().abs().max() == torch.finfo(dtype).max
+        mantissa = 3 if dtype == torch.float8_e4m3fn else 2
+        torch.testing.assert_close(dequantized(x, dtype), x, rtol=2.0 ** -mantissa, atol=0)
+
+
+def test_float8_linear_is_the_matmul_of_its_quantized_operands():
+    """The forward and both gradients equal float32 matmuls of the dequantized operands
+    (e4m3 x and weight, e5m2 output gradient): the float8 path is that and nothing else."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 48, generator=g).requires_grad_()
+    weight = (torch.randn(80, 48, generator=g) * 0.05).requires_grad_()
+    out_grad = torch.randn(2, 32, 80, generator=g)
+    out = kernels.float8_linear(x, weight)
+    out.backward(out_grad)
+    x_q, w_q = dequantized(x.detach()), dequantized(weight.detach())
+    g_q = dequantized(out_grad.reshape(-1, 80), torch.float8_e5m2)
+    assert out.shape == (2, 32, 80) and weight.grad.dtype == torch.float32
+    torch.testing.assert_close(out, x_q @ w_q.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.reshape(-1, 48), g_q @ w_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad, g_q.t() @ x_q.reshape(-1, 48), rtol=1e-5, atol=1e-5)
+    # and float8 is what it is: a few percent from the exact product, not zero
+    error = (out - x.detach() @ weight.detach().t()).norm() / out.norm()
+    assert 1e-3 < error < 0.1
+
+
+def test_linear_falls_back_where_float8_is_unsupported():
+    x = torch.randn(3, 16, 32)
+    weight = torch.randn(64, 32)
+    assert not kernels.use_fp8(x.reshape(-1, 32), weight, True)  # CPU
+    torch.testing.assert_close(kernels.linear(x, weight, fp8=True), x @ weight.t())
