@@ -291,7 +291,9 @@ class _Float8Linear(torch.autograd.Function):
     def backward(ctx, grad):
         x8, x_scale, w8, w_scale = ctx.saved_tensors
         g8, g_scale = to_float8(grad, torch.float8_e5m2)
-        # float8 matmuls take their second operand column-major: both operands K-major
+        # float8 matmuls take their second operand column-major: both operands K-major. Plain
+        # .t().contiguous() rather than ``_column_major``: under compile inductor fuses these
+        # copies with the casts, where the Triton transpose would be an extra opaque pass
         grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_scale,
                                   scale_b=w_scale, out_dtype=grad.dtype)
         grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(),
