@@ -333,9 +333,13 @@ class GPT(nn.Module):
         config = GPTConfig.from_dict(model_config)
         self.config = config
         vocab, dim = config.padded_vocab, config.model_dim
-        # Tied: lm_head is also the token embedding until untie() gives the embedding its own.
         self.lm_head = make_param(torch.randn(vocab, dim) * config.lm_head_init_std, "lm_head")
-        self.register_parameter("embed", None)
+        # Tied until untie(): the embedding is then a copy of lm_head that the trainer keeps
+        # equal to it (fold_tied_grad before each optimizer step, sync_tied_weights after), the
+        # same arithmetic as one shared tensor. The forward pass reads the same two tensors
+        # before and after the untie, so torch.compile builds one graph, not two.
+        self.embed = make_param(self.lm_head.detach().clone(), "embed")
+        self.tied = True
         self.value_embeds = nn.ParameterList(
             [make_param(torch.zeros(vocab, dim), "value_embed") for _ in config.value_embed_layers])
         self.ve_table = {layer: t for t, layers in enumerate(config.value_embed_layers)
@@ -378,22 +382,30 @@ class GPT(nn.Module):
             self.attn_scale.mul_(1 + c.yarn_attn_factor * math.log(new / old))
         self.windows.copy_(torch.tensor([short_blocks, long_blocks]))
 
-    @torch.no_grad()
     def untie(self):
-        """Give the embedding its own copy of the shared weights; returns the new parameter."""
-        if self.embed is not None:
+        """From now on the embedding trains on its own gradient; returns it."""
+        if not self.tied:
             raise RuntimeError("embedding and lm_head are already untied")
-        self.embed = make_param(self.lm_head.detach().clone(), "embed")
+        self.tied = False
         return self.embed
 
-    def retie(self):
-        """Drop the embedding's own copy (back to the tied state); the trainer's warm-up uses
-        it to return to the initial model after compiling the untied graph."""
-        self.embed = None
+    @torch.no_grad()
+    def fold_tied_grad(self):
+        """While tied: the shared weight's gradient is the sum over its two uses. Collect it
+        on lm_head, which the optimizer steps, and drop the embedding's."""
+        if not self.tied or self.embed.grad is None:
+            return
+        if self.lm_head.grad is None:
+            self.lm_head.grad = self.embed.grad
+        else:
+            self.lm_head.grad.add_(self.embed.grad)
+        self.embed.grad = None
 
-    @property
-    def tied(self):
-        return self.embed is None
+    @torch.no_grad()
+    def sync_tied_weights(self):
+        """While tied: the embedding takes lm_head's new values after an optimizer step."""
+        if self.tied:
+            self.embed.copy_(self.lm_head)
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -447,8 +459,7 @@ class GPT(nn.Module):
         config = self.config
         masks = self.attention_masks(inputs, docs)
         dtype = self.compute_dtype(inputs)
-        table = self.lm_head if self.embed is None else self.embed
-        x = F.embedding(inputs, table)[None].to(dtype)
+        x = F.embedding(inputs, self.embed)[None].to(dtype)
         if config.smear_gate:
             # Mix in the previous token, except across a document start.
             gate = torch.sigmoid(gate_input(x[:, 1:]) @ self.smear_gate.type_as(x))

@@ -155,12 +155,16 @@ def polar_express(G: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16
     """
     tall = G.size(-2) > G.size(-1)
     X = G.mT if tall else G
+    batch = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])  # (K, m, n): baddbmm's shape
     # The Frobenius norm bounds the spectral norm; 1.02 leaves headroom for bf16 rounding.
     X = (X / (X.float().norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-7)).to(dtype)
     for a, b, c in _coefficients(steps):
         A = X @ X.mT  # Gram matrix on the smaller side, hence the transpose of tall inputs
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        # b A + c A A, then a X + B X: the scaled sums run in the matmuls' epilogues
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    X = X.view(*batch, *X.shape[-2:])
     return X.mT if tall else X
 
 
@@ -282,6 +286,15 @@ def adam_update_(
     p.sub_(update)
 
 
+def adam_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+               exp_avg_sqs: list[Tensor], betas: list[tuple[float, float]], eps: float,
+               step_sizes: Tensor | list[float], decays: Tensor | list[float]) -> None:
+    """``adam_update_`` on each parameter of a list, with its betas, step size and decay."""
+    for i, p in enumerate(params):
+        adam_update_(p, grads[i], exp_avgs[i], exp_avg_sqs[i], betas[i], eps, step_sizes[i],
+                     decays[i])
+
+
 def matrix_update(M: Tensor, weights: Tensor, state: dict, method: str, hp: dict, lr: Tensor,
                   decay: Tensor) -> Tensor:
     """New weights from the Nesterov momentum ``M``: the method's direction, then the cautious
@@ -296,11 +309,40 @@ def matrix_update(M: Tensor, weights: Tensor, state: dict, method: str, hp: dict
     return cautious_update(weights, U, lr, decay)
 
 
-# On CUDA the two updates run compiled: one fused kernel where eager PyTorch launches a dozen
+def matrix_step_(weights: list[Tensor], grads: list[Tensor], state: dict[str, list[Tensor]],
+                 method: str, hp: dict, momentum: Tensor | float, lr_scale: Tensor | float,
+                 decay_scale: Tensor | float, lr_mul: Tensor, wd_mul: Tensor) -> None:
+    """One step of a shape group's matrices, all in place.
+
+    ``weights``, ``grads`` and each list of ``state`` hold the same run of matrices in pieces
+    of shape (k, rows, cols) (the group's parameters, or this rank's share of them); they are
+    stacked here, where under torch.compile the stacking and the writes back fuse into the
+    update's kernels. Nesterov momentum in fp32, as in the speedrun; a matrix's lr is
+    lr_mul * lr_scale and its decay wd_mul * decay_scale * lr ((K, 1, 1) columns).
+    """
+    stacked = {key: torch.cat(pieces) for key, pieces in state.items()}
+    G = torch.cat(grads).float()
+    buf = stacked["momentum_buffer"]
+    buf.lerp_(G, 1 - momentum)
+    M = G.lerp(buf, momentum)
+    lr = lr_mul * lr_scale
+    new = matrix_update(M, torch.cat(weights).float(), stacked, method, hp, lr,
+                        wd_mul * decay_scale * lr)
+    for key, pieces in state.items():
+        _write_pieces_(pieces, stacked[key])
+    _write_pieces_(weights, new)
+
+
+def _write_pieces_(pieces: list[Tensor], stacked: Tensor) -> None:
+    for piece, part in zip(pieces, stacked.split([p.size(0) for p in pieces]), strict=True):
+        piece.copy_(part)
+
+
+# On CUDA the updates run compiled: a few fused kernels where eager PyTorch launches dozens
 # over the same tensors. Values that change every step come in as device tensors
 # (``_device_scalars``), so the graphs compile once (in the trainer's warm-up).
-_compiled_adam_update_ = torch.compile(adam_update_, fullgraph=True, dynamic=False)
-_compiled_matrix_update = torch.compile(matrix_update, fullgraph=True, dynamic=False)
+_compiled_adam_step_ = torch.compile(adam_step_, fullgraph=True, dynamic=False)
+_compiled_matrix_step_ = torch.compile(matrix_step_, fullgraph=True, dynamic=False)
 
 
 def _device_scalars(values: list[float], device: torch.device) -> Tensor:
@@ -324,9 +366,15 @@ class _Entry:
 
 
 class _AdamGroup:
-    def __init__(self, hp: dict, label_betas: dict):
+    """Adam over a group's parameters. ``one_call``: all of them in one (compiled) call, for
+    the scalar group, whose cost is kernel launches, not bytes. Otherwise one call a
+    parameter: the embedding tables share one graph, which the table that the untie adds
+    reuses instead of compiling a graph for a longer list."""
+
+    def __init__(self, hp: dict, label_betas: dict, one_call: bool = False):
         self.hp = hp
         self.label_betas = label_betas
+        self.one_call = one_call
         self.entries: list[_Entry] = []
 
     def init_state(self, p: Tensor) -> dict:
@@ -335,24 +383,28 @@ class _AdamGroup:
 
     @torch.no_grad()
     def step(self, lr_factor: float) -> None:
-        # A plain loop: these parameters are few (embeddings) or tiny (scalars).
-        for e in self.entries:
-            if e.param.grad is None:
-                continue
-            betas = tuple(self.label_betas.get(e.label, self.hp["betas"]))
-            beta1, beta2 = betas
+        entries = [e for e in self.entries if e.param.grad is not None]
+        if not entries:
+            return
+        betas, step_sizes, decays = [], [], []
+        for e in entries:
+            beta1, beta2 = self.label_betas.get(e.label, self.hp["betas"])
+            betas.append((beta1, beta2))
             e.state["step"] += 1
             t = e.state["step"]
             lr = self.hp["lr"] * lr_factor * e.lr_mul
-            step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-            decay = self.hp["weight_decay"] * e.wd_mul * lr * lr
-            update = adam_update_
-            # The scalar group's many small shapes would each compile: it stays eager.
-            if e.param.is_cuda and e.param.ndim >= 2:
-                update = _compiled_adam_update_
-                step_size, decay = _device_scalars([step_size, decay], e.param.device)
-            update(e.param, e.param.grad, e.state["exp_avg"], e.state["exp_avg_sq"], betas,
-                   self.hp["eps"], step_size, decay)
+            step_sizes.append(lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
+            decays.append(self.hp["weight_decay"] * e.wd_mul * lr * lr)
+        n, cuda = len(entries), entries[0].param.is_cuda
+        for lo, hi in [(0, n)] if self.one_call else [(i, i + 1) for i in range(n)]:
+            part = entries[lo:hi]
+            sizes, decay, update = step_sizes[lo:hi], decays[lo:hi], adam_step_
+            if cuda:
+                values = _device_scalars(sizes + decay, part[0].param.device)
+                sizes, decay, update = values[: hi - lo], values[hi - lo:], _compiled_adam_step_
+            update([e.param for e in part], [e.param.grad for e in part],
+                   [e.state["exp_avg"] for e in part], [e.state["exp_avg_sq"] for e in part],
+                   betas[lo:hi], self.hp["eps"], sizes, decay)
 
 
 class _Stack:
@@ -383,64 +435,58 @@ class _Stack:
                 self.pieces.append((i, start, stop))
             offset += count
 
+    def pieces_of(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Views of this rank's matrices in per-entry tensors (leading dim: the entry's
+        count); in a world of one, the whole tensors."""
+        return [tensors[i][start:stop] for i, start, stop in self.pieces]
+
     def share(self, tensors: list[Tensor]) -> Tensor:
-        """This rank's matrices of per-entry tensors (leading dim: the entry's count)."""
+        """This rank's matrices of per-entry tensors, stacked (a copy)."""
         if not self.pieces:
             return tensors[0][:0]
-        return torch.cat([tensors[i][start:stop] for i, start, stop in self.pieces])
-
-    def write_share(self, tensors: list[Tensor], share: Tensor) -> None:
-        if not self.pieces:
-            return
-        sizes = [stop - start for _, start, stop in self.pieces]
-        targets = [tensors[i][start:stop] for i, start, stop in self.pieces]
-        torch._foreach_copy_(targets, list(share.split(sizes)))
+        return torch.cat(self.pieces_of(tensors))
 
     def write_all(self, tensors: list[Tensor], stacked: Tensor) -> None:
         """Copy a stack of (at least) all K matrices into the per-entry tensors."""
         torch._foreach_copy_(tensors, list(stacked[: self.size].split(self.counts)))
 
 
-
 class _StackStep:
     """One shape group's matrix step, in three calls so that collectives overlap other work.
 
-    ``__init__`` stacks the gradients (and, with several ranks, starts their reduce-scatter);
-    ``update`` runs momentum, direction and update on this rank's share (and starts the
-    all-gather of the new weights); ``finish`` writes the new weights into the parameters.
+    ``__init__`` (with several ranks) stacks the gradients and starts their reduce-scatter;
+    ``update`` steps this rank's share in place (and, with several ranks, starts the
+    all-gather of the new weights); ``finish`` writes the gathered weights into the parameters.
     """
 
     def __init__(self, group: _MatrixGroup, stack: _Stack):
         self.group, self.stack = group, stack
-        grads = [e.param.grad.view(-1, stack.rows, stack.cols) for e in stack.entries]
-        self.grads = torch.cat(grads).float()
+        self.grads = [e.param.grad.view(-1, stack.rows, stack.cols) for e in stack.entries]
         self.work = None  # the collective in flight, if any
-        self.new = None  # the new weights: this rank's share, then (gathered) all of them
+        self.new = None  # with several ranks: the gathered new weights
         world = stack.world
         if world.distributed:
-            self.grads, self.work = world.start_reduce_scatter_mean(self.grads, stack.per_rank)
+            reduced, self.work = world.start_reduce_scatter_mean(
+                torch.cat(self.grads).float(), stack.per_rank)
+            self.grads = [reduced[: stack.hi - stack.lo]]  # the padding is not stepped
 
     def update(self, lr_factor: float, momentum: float) -> None:
-        stack, group = self.stack, self.group
+        stack = self.stack
         if self.work is not None:
             self.work.wait()
-        grads = self.grads[: stack.hi - stack.lo]  # the padding is not stepped
-        weights = stack.share(stack.views).float()
-        state = {
-            k: stack.share([e.state[k] for e in stack.entries]) for k in stack.entries[0].state
-        }
-        new = weights  # an empty share has nothing to step
-        if len(grads):
-            new = group.update(stack, weights, grads, state, lr_factor, momentum)
-        for key, share in state.items():
-            stack.write_share([e.state[key] for e in stack.entries], share)
-        self.new = new.to(stack.views[0].dtype)
+        if stack.pieces:  # an empty share has nothing to step
+            state = {key: stack.pieces_of([e.state[key] for e in stack.entries])
+                     for key in stack.entries[0].state}
+            self.group.update(stack, stack.pieces_of(stack.views), self.grads, state,
+                              lr_factor, momentum)
         if stack.world.distributed:
-            self.new, self.work = stack.world.start_all_gather(self.new, stack.per_rank)
+            self.new, self.work = stack.world.start_all_gather(stack.share(stack.views),
+                                                               stack.per_rank)
 
     def finish(self) -> None:
-        if self.work is not None:
-            self.work.wait()
+        if self.work is None:
+            return
+        self.work.wait()
         self.stack.write_all(self.stack.views, self.new)
 
 
@@ -511,22 +557,21 @@ class _MatrixGroup:
             self._multipliers[key] = tuple(c.view(-1, 1, 1) for c in columns)
         return self._multipliers[key]
 
-    def update(self, stack: _Stack, weights: Tensor, grads: Tensor, state: dict,
-               lr_factor: float, momentum: float) -> Tensor:
-        """The new weights of this rank's share; its ``state`` is updated in place (ARO's
-        rotation is replaced in the dict)."""
-        # Nesterov momentum in fp32, as in the speedrun.
-        buf = state["momentum_buffer"]
-        buf.lerp_(grads, 1 - momentum)
-        M = grads.lerp_(buf, momentum)
+    def update(self, stack: _Stack, weights: list[Tensor], grads: list[Tensor],
+               state: dict[str, list[Tensor]], lr_factor: float, momentum: float) -> None:
+        """Step this rank's share of the stack in place: ``weights``, ``grads`` and ``state``
+        are its pieces (``matrix_step_``)."""
         lr_mul, wd_mul = self._per_matrix_multipliers(stack.entries, stack.counts)
         lr_mul, wd_mul = lr_mul[stack.lo:stack.hi], wd_mul[stack.lo:stack.hi]
         group_lr = self.hp["lr"] * lr_factor
         shape_factor = 1.0 if self.method == "aro" else max(1.0, stack.rows / stack.cols) ** 0.5
-        lr = lr_mul * (group_lr * shape_factor)
-        decay = wd_mul * (self.hp["weight_decay"] * group_lr) * lr
-        update = _compiled_matrix_update if M.is_cuda else matrix_update
-        return update(M, weights, state, self.method, self.hp, lr, decay)
+        scalars = [momentum, group_lr * shape_factor, self.hp["weight_decay"] * group_lr]
+        step = matrix_step_
+        # ARO stays eager: its QR checks its result on the host (qr_orthonormal).
+        if lr_mul.is_cuda and self.method != "aro":
+            step = _compiled_matrix_step_
+            scalars = _device_scalars(scalars, lr_mul.device).unbind()
+        step(weights, grads, state, self.method, self.hp, *scalars, lr_mul, wd_mul)
 
 
 # -----------------------------------------------------------------------------------------
@@ -604,7 +649,7 @@ class Optimizers:
         self._groups = {
             "adam": _AdamGroup(dict(config["adam"]), label_betas),
             "matrix": _MatrixGroup(self.matrix_optimizer, matrix_hp, self.world),
-            "scalar": _AdamGroup(dict(config["scalar_adam"]), label_betas),
+            "scalar": _AdamGroup(dict(config["scalar_adam"]), label_betas, one_call=True),
         }
         self._module = module
         self._entries: list[_Entry] = []
@@ -714,9 +759,8 @@ class Optimizers:
     ) -> None:
         """Add a parameter to the group of its label, after all the others.
 
-        ``copy_state_from`` gives it a deep copy of that parameter's state (the untie of the
-        embedding from the lm_head); a 2-D state may arrive transposed. The name defaults to
-        the parameter's name in the model.
+        ``copy_state_from`` gives it a deep copy of that parameter's state (``copy_state``).
+        The name defaults to the parameter's name in the model.
         """
         if copy_state_from is not None and id(copy_state_from) not in self._by_id:
             raise ValueError("copy_state_from is not a parameter of this optimizer")
@@ -725,14 +769,22 @@ class Optimizers:
         if LABEL_GROUPS.get(getattr(new_param, "label", None)) == "matrix":
             # A new matrix moves every rank's share of its shape group: make the state whole.
             self._groups["matrix"].gather_state()
-        entry = self._register(name or f"added.{len(self._entries)}", new_param)
+        self._register(name or f"added.{len(self._entries)}", new_param)
         if copy_state_from is not None:
-            source = self._by_id[id(copy_state_from)]
-            if source.group != entry.group:
-                raise ValueError(
-                    f"cannot copy {source.group!r} state into a {entry.group!r} parameter"
-                )
-            entry.state = _copy_state(source.state, entry.state)
+            self.copy_state(new_param, copy_state_from)
+
+    def copy_state(self, target: nn.Parameter, source: nn.Parameter) -> None:
+        """Give ``target`` a deep copy of ``source``'s state (the untie of the embedding from
+        the lm_head); a 2-D state may arrive transposed. Both must be in the same group."""
+        entries = [self._by_id.get(id(p)) for p in (target, source)]
+        if None in entries:
+            raise ValueError("copy_state takes two parameters of this optimizer")
+        entry, source_entry = entries
+        if source_entry.group != entry.group:
+            raise ValueError(
+                f"cannot copy {source_entry.group!r} state into a {entry.group!r} parameter"
+            )
+        entry.state = _copy_state(source_entry.state, entry.state)
 
     def groups(self) -> dict[str, dict[str, nn.Parameter]]:
         """{group: {name: param}} for "adam", "matrix" and "scalar", in optimizer order."""

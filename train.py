@@ -377,8 +377,7 @@ class TrainingManager:
             self.model.set_windows(*windows)
             self.windows = windows
         if step >= self.schedule.untie_step and self.model.tied:
-            embed = self.model.untie()
-            self.optimizer.add_param(embed, copy_state_from=self.model.lm_head)
+            self.optimizer.copy_state(self.model.untie(), self.model.lm_head)
         if self.schedule.is_transition(step):
             self.optimizer.freeze_scalars(self.tc["freeze_scalars_steps"])
         self.optimizer.set_lr_factor(self.schedule.lr_factor(step))
@@ -400,51 +399,48 @@ class TrainingManager:
             loss = self.compiled(inputs, targets, document_ids(inputs))
             (loss / accumulation).backward()
             total += loss.detach()
+        self.model.fold_tied_grad()
         if self.tc["grad_clip_norm"]:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc["grad_clip_norm"])
         self.optimizer.step()
+        self.model.sync_tied_weights()
         self.optimizer.zero_grad()
         self.step += 1
         return self.world.all_reduce_mean(total / accumulation)
 
-    @torch.no_grad()
     def validate(self):
-        """The mean loss over the val batches; each rank has as many, its share of them."""
-        losses = [self.compiled(inputs, targets, document_ids(inputs))
-                  for inputs, targets in self.val_batches]
+        """The mean loss over the val batches; each rank has as many, its share of them.
+
+        Compiled, it runs the training graph (grad mode on, no backward pass): a graph for
+        no_grad would be a second compile, ~45 s of a cold start on the H100, for a pass that
+        the train time does not count."""
+        with torch.set_grad_enabled(self.compiled is not self.model):
+            losses = [self.compiled(inputs, targets, document_ids(inputs)).detach()
+                      for inputs, targets in self.val_batches]
         return self.world.all_reduce_mean(torch.stack(losses).mean()).item()
 
     # -- compile warm-up ------------------------------------------------------------------------
 
     def warmup(self):
-        """Compile every graph the run will use (training tied and untied, evaluation) on real
-        batches, then restore weights, optimizer, data position and RNG: the timed run starts
-        from exactly the state it would have had without warm-up. Returns seconds spent."""
+        """Compile the graphs the run uses (the model's one training graph, which validation
+        shares, and the optimizer's updates) with one step on real batches, then restore
+        weights, optimizer, data position and RNG: the timed run starts from exactly the state
+        it would have had without warm-up. Returns seconds spent."""
         start = time.perf_counter()
         model_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         optimizer_state = self.optimizer.state_dict()
         loader_state = self.train_loader.state_dict()
         rng = rng_state()
-        step, tied, windows = self.step, self.model.tied, self.windows
-        for warm_step in (0, self.schedule.untie_step):
-            self.step = warm_step
-            self.train_step()
-            self.validate_batch()
-        if tied:
-            self.model.retie()
+        step, windows = self.step, self.windows
+        self.step = 0
+        self.train_step()
         self.model.load_state_dict(model_state)
-        self.optimizer = build_optimizer(self.model, self.config["optimizer_config"], self.world)
         self.optimizer.load_state_dict(optimizer_state)
         self.train_loader.load_state_dict(loader_state)
         set_rng_state(rng)
         self.step, self.windows = step, windows
         synchronize(self.device)
         return time.perf_counter() - start
-
-    @torch.no_grad()
-    def validate_batch(self):
-        inputs, targets = self.val_batches[0]
-        return self.compiled(inputs, targets, document_ids(inputs))
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -478,9 +474,12 @@ class TrainingManager:
             state = read_checkpoint(path, self.model.lm_head.device)
         if state["config"]["model_config"] != self.config["model_config"]:
             raise ConfigError(f"checkpoint {path} was written for a different model_config")
+        if "embed" not in state["model"]:
+            raise ConfigError(f"checkpoint {path} comes from a version of the trainer that "
+                              "stored a tied embedding once; resume it with that version (git "
+                              "log) or start the run again")
         if not state["tied"]:
-            embed = self.model.untie()
-            self.optimizer.add_param(embed, copy_state_from=self.model.lm_head)
+            self.model.untie()
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_loader.load_state_dict(state["loader"])

@@ -189,6 +189,20 @@ def test_float8_linear_is_the_matmul_of_its_quantized_operands():
     assert 1e-3 < error < 0.1
 
 
+def test_float8_linear_traces_whole_under_compile():
+    """dynamo traces the float8 linear, transposes included (a custom op), in one graph."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 48, generator=g).requires_grad_()
+    weight = (torch.randn(80, 48, generator=g) * 0.05).requires_grad_()
+    compiled = torch.compile(kernels.float8_linear, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (kernels.float8_linear, compiled):
+        out = fn(x, weight)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (x, weight))))
+    for eager, traced in zip(*results, strict=True):
+        torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+
+
 def test_linear_falls_back_where_float8_is_unsupported():
     x = torch.randn(3, 16, 32)
     weight = torch.randn(64, 32)

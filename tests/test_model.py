@@ -24,7 +24,9 @@ def make_model(config, short=1, long=2, seed=0, randomize=True):
     if randomize:
         with torch.no_grad():
             for p in gpt.parameters():
-                p.add_(torch.randn_like(p) * (0.3 if p.ndim < 2 else 0.05))
+                if p is not gpt.embed:  # a tied model's embedding is its lm_head
+                    p.add_(torch.randn_like(p) * (0.3 if p.ndim < 2 else 0.05))
+        gpt.sync_tied_weights()
     return gpt
 
 
@@ -159,6 +161,34 @@ def test_untie(tiny_model_config):
         gpt.untie()
 
 
+def test_folded_gradient_is_that_of_one_shared_tensor(tiny_model_config):
+    gpt = make_model(tiny_model_config)
+    x, y = tokens(64), tokens(64, seed=3)
+    shared = torch.func.functional_call(gpt, {"embed": gpt.lm_head}, (x, y))
+    expected = torch.autograd.grad(shared, gpt.lm_head)[0]
+    gpt(x, y).backward()
+    assert not torch.equal(gpt.embed.grad, torch.zeros_like(gpt.embed.grad))
+    gpt.fold_tied_grad()
+    assert gpt.embed.grad is None
+    torch.testing.assert_close(gpt.lm_head.grad, expected, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        gpt.lm_head.sub_(1.0)
+    gpt.sync_tied_weights()
+    assert torch.equal(gpt.embed, gpt.lm_head)
+
+
+def test_one_compiled_graph_before_and_after_the_untie(tiny_model_config):
+    gpt = make_model(tiny_model_config)
+    compiled = torch.compile(gpt, backend="eager", fullgraph=True, dynamic=False)
+    x, y = tokens(64), tokens(64, seed=3)
+    compiled(x, y).backward()
+    gpt.untie()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x, y).backward()
+        gpt.set_windows(2, 4)
+        compiled(x, y).backward()
+
+
 def test_blocks_are_identity_at_init(tiny_model_config):
     # Zero output projections: every block adds nothing; the residual scalings, the skip and
     # the backout only rescale x0, which the final norm removes. So the logits at init are
@@ -278,10 +308,11 @@ def test_base_parameter_count_matches_readme():
     config = run.load_config(Path(M.__file__).parent / "config" / "base.py")["model_config"]
     with torch.device("meta"):
         gpt = M.GPT(config)
-    count = sum(p.numel() for p in gpt.parameters())
+    untied = sum(p.numel() for p in gpt.parameters())
     readme = (Path(M.__file__).parent / "README.md").read_text()
     found = re.search(r"([\d,]+) parameters", readme)
-    assert found and int(found.group(1).replace(",", "")) == count
+    assert found and int(found.group(1).replace(",", "")) == untied - gpt.embed.numel()
+    assert f"{untied:,} for `config/base.py`" in readme
 
 
 def test_bf16_compute_keeps_activations_bf16_and_tracks_float32(tiny_model_config, monkeypatch):

@@ -609,6 +609,13 @@ def test_add_param_transposes_state_and_checks_groups():
         opt.add_param(labelled(torch.randn(5, 3), "mlp"), copy_state_from=head)
     with pytest.raises(ValueError, match="already"):
         opt.add_param(embed)
+    with pytest.raises(ValueError, match="two parameters of this optimizer"):
+        opt.copy_state(labelled(torch.randn(5, 3), "embed"), head)
+    head.grad = torch.randn(5, 3)
+    opt.step()
+    opt.copy_state(embed, head)
+    states = [p["state"] for p in opt.state_dict()["params"]]
+    assert states[1]["step"] == 2 and torch.equal(states[1]["exp_avg"], states[0]["exp_avg"].T)
 
 
 def test_zero_grad_and_momentum_bounds():

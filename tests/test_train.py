@@ -168,12 +168,23 @@ def test_untie_copies_optimizer_state(config, tmp_path):
     manager.apply_schedule(6)
     assert not manager.model.tied
     assert torch.equal(manager.model.embed, head)
-    sd = manager.optimizer.state_dict()
-    assert len(sd["params"]) == len(head_state["params"]) + 1
-    embed_state, head_entry = sd["params"][-1], sd["params"][0]
-    for key, value in head_entry["state"].items():
+    entries = {p["name"]: p["state"] for p in manager.optimizer.state_dict()["params"]}
+    saved_head = next(p["state"] for p in head_state["params"] if p["name"] == "lm_head")
+    for key, value in entries["lm_head"].items():
         if torch.is_tensor(value):
-            assert torch.equal(embed_state["state"][key], value), key
+            assert torch.equal(entries["embed"][key], value), key
+            assert torch.equal(saved_head[key], value), key
+
+
+def test_tied_weights_stay_equal_and_untied_ones_part(config, tmp_path):
+    manager = manager_for(config, tmp_path)
+    head_before = manager.model.lm_head.detach().clone()
+    losses_of(manager, 6)  # steps 0..5, tied
+    model = manager.model
+    assert model.tied and not torch.equal(model.lm_head, head_before)
+    assert torch.equal(model.embed, model.lm_head)
+    losses_of(manager, 2)  # steps 6 and 7, untied
+    assert not model.tied and not torch.equal(model.embed, model.lm_head)
 
 
 def test_resume_equals_uninterrupted(config, tmp_path):
