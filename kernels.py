@@ -4,15 +4,27 @@ softcapped cross-entropy as one op, and a float8 linear layer for the MLP.
 The speedrun's loss takes (T, V) logits = hidden @ W.T, softcaps them and takes the
 cross-entropy in float32. Left to autograd that keeps the logits for the backward pass and then
 allocates their gradient beside them: two (T, V) buffers, 13 GB at T = 64K. Here the forward
-pass also computes the logits' gradient (a mean loss has no other consumer) and writes it over
-the logits, so a single (T, V) buffer lives until the backward pass, which is then just the two
-matmuls. The softcap bounds the logits to [0, cap] (sigmoid form) or [-cap, cap] (tanh form),
-so the log-sum-exp needs no running max: exp(c - cap) cannot overflow.
+pass also computes the logits' gradient (a mean loss has no other consumer), in one read of the
+logits, and the backward pass is then just the two matmuls.
+
+One read is enough because the softcap bounds the logits c to [0, cap] (sigmoid form) or
+[-cap, cap] (tanh form), so e = exp(c - cap) needs no running max and cannot overflow. Row by
+row, with dc the softcap's slope, S = sum(e) and t the target,
+
+    d loss / d z = e * dc / S - dc_t * onehot(t),
+
+so the kernel writes q = e * dc as it reads (the logits' own buffer in bf16), sums e, and ends
+with the loss log(S) + cap - c_t, 1 / S and dc_t. The backward pass scales rows by 1 / S around
+the matmuls and subtracts the one-hot part as a gather (input gradient) and a scatter-add
+(weight gradient) of T rows.
 
 With ``fp8`` on a GPU of compute capability 8.9 or later the three matmuls run in float8
-(torch._scaled_mm): hidden and W in e4m3 with one dynamic scale each, the logits' gradient in
-e5m2, written by the kernel straight from float32 with a fixed power-of-two scale that its
-analytic bound allows. Elsewhere ``fp8`` is ignored and the matmuls run in the inputs' dtype.
+(torch._scaled_mm): hidden and W in e4m3 with one dynamic scale each, q in e5m2 with a fixed
+power-of-two scale that its bound allows (e <= 1). float8 matmuls take both operands K-major, so
+the weight gradient's takes q transposed, by a tiled Triton kernel. The one-hot part stays out
+of float8: stored in e5m2 with q (2 mantissa bits) it made the gradients 6-7% wrong, against
+0.3-0.5% now (tests/test_gpu.py). Elsewhere ``fp8`` is ignored and the matmuls run in the
+inputs' dtype.
 
 ``linear(x, weight, fp8=True)`` runs x @ weight.T and both of its backward matmuls in float8
 with one dynamic scale per tensor (e4m3 for x and the weight, e5m2 for the output's gradient).
@@ -32,7 +44,8 @@ try:
 except ImportError:  # no triton (macOS, some CPU-only installs): the PyTorch path is used
     triton = None
 
-BLOCK_V = 1024  # vocabulary columns per inner iteration
+BLOCK_ROWS, BLOCK_COLS, LOSS_WARPS = 64, 128, 8  # the loss kernel's tile (logit rows x
+# vocabulary columns) and warps
 BLOCK_T = 64  # tile side of the transpose kernel
 E5M2_MAX = 57344.0
 
@@ -50,13 +63,15 @@ def softcap_cross_entropy_reference(logits, targets, cap, shift, temp, tanh):
 
 
 def grad_bound(cap: float, temp: float, tanh: bool) -> float:
-    """Largest |d loss_row / d z|: |softmax - onehot| <= 1 times the softcap's slope."""
+    """Largest softcap slope dc, hence the largest |q| = e * dc (e <= 1), and the largest
+    |d loss_row / d z| (|softmax - onehot| <= 1 times the slope)."""
     return 1.0 if tanh else cap / (4.0 * temp)
 
 
-def loss_and_grad(logits, targets, cap, shift, temp, tanh):
-    """Per-row loss and d loss_row / d logits, in float32, by plain PyTorch ops: what the
-    Triton kernel computes, for the CPU and for tests."""
+def loss_and_factors(logits, targets, cap, shift, temp, tanh):
+    """What the Triton kernel computes, by plain PyTorch ops in float32 (for the CPU and for
+    tests): the per-row loss, q = exp(c - cap) * dc, 1 / sum(exp(c - cap)) per row and the
+    target's slope dc_t, such that d loss_row / d z = q / S - dc_t * onehot (``gradient``)."""
     z = logits.float()
     capped = softcap(z, cap, shift, temp, tanh)
     if tanh:
@@ -64,11 +79,18 @@ def loss_and_grad(logits, targets, cap, shift, temp, tanh):
     else:
         s = capped / cap
         slope = (cap / temp) * s * (1.0 - s)
-    log_probs = torch.log_softmax(capped, dim=-1)
+    e = torch.exp(capped - cap)
+    total = e.sum(-1)
     rows = torch.arange(len(targets), device=logits.device)
-    grad = log_probs.exp()
-    grad[rows, targets] -= 1.0
-    return -log_probs[rows, targets], grad * slope
+    loss = torch.log(total) + cap - capped[rows, targets]
+    return loss, e * slope, 1.0 / total, slope[rows, targets]
+
+
+def gradient(q, inv_sum, target_slope, targets):
+    """d loss_row / d logits from ``loss_and_factors``'s factors."""
+    grad = q.float() * inv_sum[:, None]
+    grad[torch.arange(len(targets), device=q.device), targets] -= target_slope
+    return grad
 
 
 if triton is not None:
@@ -83,37 +105,38 @@ if triton is not None:
         return cap * s, cap * inv_temp * s * (1.0 - s)
 
     @triton.jit
-    def _loss_grad_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, V, stride, grad_stride,
-                          cap, shift, inv_temp, grad_scale, TANH: tl.constexpr,
-                          WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: the loss, then (if WRITE_GRAD) grad_scale * d loss / d z. grad_ptr may be
-        logits_ptr: each element is read before this program overwrites it."""
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride
+    def _loss_grad_kernel(logits_ptr, targets_ptr, loss_ptr, inv_sum_ptr, slope_ptr, q_ptr,
+                          rows, V, stride, q_stride, cap, shift, inv_temp, q_scale,
+                          TANH: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+        """BLOCK_R rows in one pass over the vocabulary: their loss, 1 / S and dc_t, and (if
+        WRITE_Q) q_scale * q. q_ptr may be logits_ptr: each tile is read before this program
+        overwrites it, and the target logits before the pass."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        valid = r < rows
+        r64 = r.to(tl.int64)
         cap = tl.cast(cap, tl.float32)  # inductor may pass float64 scalars
         shift = tl.cast(shift, tl.float32)
         inv_temp = tl.cast(inv_temp, tl.float32)
-        total = tl.zeros((BLOCK,), dtype=tl.float32)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            inside = cols < V
-            z = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
-            c, _ = _capped(z, cap, shift, inv_temp, TANH)
-            total += tl.where(inside, tl.exp(c - cap), 0.0)
-        lse = cap + tl.log(tl.sum(total, axis=0))
-        target = tl.load(targets_ptr + row)
-        c_target, _ = _capped(tl.load(base + target).to(tl.float32), cap, shift, inv_temp, TANH)
-        tl.store(loss_ptr + row, lse - c_target)
-        if WRITE_GRAD:
-            out = grad_ptr + row * grad_stride
-            scale = tl.cast(grad_scale, tl.float32)
-            for start in range(0, V, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                inside = cols < V
-                z = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
-                c, dc = _capped(z, cap, shift, inv_temp, TANH)
-                p = tl.exp(c - lse) - tl.where(cols == target, 1.0, 0.0)
-                tl.store(out + cols, (scale * p * dc).to(out.dtype.element_ty), mask=inside)
+        scale = tl.cast(q_scale, tl.float32)
+        target = tl.load(targets_ptr + r, mask=valid, other=0)
+        z_target = tl.load(logits_ptr + r64 * stride + target, mask=valid, other=0.0)
+        c_target, dc_target = _capped(z_target.to(tl.float32), cap, shift, inv_temp, TANH)
+        total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for start in range(0, V, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            inside = valid[:, None] & (cols[None, :] < V)
+            z = tl.load(logits_ptr + r64[:, None] * stride + cols[None, :], mask=inside,
+                        other=0.0).to(tl.float32)
+            c, dc = _capped(z, cap, shift, inv_temp, TANH)
+            e = tl.where(inside, tl.exp(c - cap), 0.0)
+            total += tl.sum(e, axis=1)
+            if WRITE_Q:
+                q = (scale * e * dc).to(q_ptr.dtype.element_ty)
+                tl.store(q_ptr + r64[:, None] * q_stride + cols[None, :], q, mask=inside)
+        tl.store(loss_ptr + r, tl.log(total) + cap - c_target, mask=valid)
+        tl.store(inv_sum_ptr + r, 1.0 / total, mask=valid)
+        tl.store(slope_ptr + r, dc_target, mask=valid)
 
     @triton.jit
     def _transpose_kernel(src_ptr, dst_ptr, rows, cols, src_stride, dst_stride,
@@ -129,7 +152,7 @@ if triton is not None:
 
 def transpose(x: Tensor) -> Tensor:
     """x.t().contiguous() for a row-major 2-D tensor. On CUDA a tiled Triton kernel: torch's
-    generic strided copy took ~20 ms for the 3.3 GB float8 gradient (H100 profile)."""
+    generic strided copy is several times slower for float8 tensors (H100 profile)."""
     if not x.is_cuda or triton is None:
         return x.t().contiguous()
     return kernel_transpose(x)
@@ -149,17 +172,20 @@ def kernel_transpose(x: Tensor) -> Tensor:
     return out
 
 
-def kernel_loss_and_grad(logits, targets, cap, shift, temp, tanh, grad=None, grad_scale=1.0):
-    """The Triton kernel on (T, V) logits: returns the float32 per-row loss and, when ``grad``
-    (a (T, V) buffer, possibly ``logits`` itself) is given, fills it with grad_scale times
-    d loss_row / d logits."""
+def kernel_loss_and_factors(logits, targets, cap, shift, temp, tanh, q=None, q_scale=1.0):
+    """The Triton kernel on (T, V) logits: returns the float32 per-row loss, 1 / S and dc_t,
+    and when ``q`` (a (T, V) buffer, possibly ``logits`` itself) is given, fills it with
+    q_scale * q."""
     rows, vocab = logits.shape
-    loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
-    out = logits if grad is None else grad
-    _loss_grad_kernel[(rows,)](
-        logits, targets, loss, out, vocab, logits.stride(0), out.stride(0), cap, shift,
-        1.0 / temp, grad_scale, TANH=tanh, WRITE_GRAD=grad is not None, BLOCK=BLOCK_V)
-    return loss
+    loss, inv_sum, slope = (torch.empty(rows, device=logits.device, dtype=torch.float32)
+                            for _ in range(3))  # separate: op outputs may not alias
+    q_out = logits if q is None else q
+    grid = (triton.cdiv(rows, BLOCK_ROWS),)
+    _loss_grad_kernel[grid](
+        logits, targets, loss, inv_sum, slope, q_out, rows, vocab, logits.stride(0),
+        q_out.stride(0), cap, shift, 1.0 / temp, q_scale, TANH=tanh, WRITE_Q=q is not None,
+        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, num_warps=LOSS_WARPS)
+    return loss, inv_sum, slope
 
 
 def use_fp8(hidden: Tensor, weight: Tensor, fp8: bool) -> bool:
@@ -179,85 +205,116 @@ def to_float8(x: Tensor, dtype=torch.float8_e4m3fn) -> tuple[Tensor, Tensor]:
     return (x / scale).to(dtype), scale
 
 
-def _column_major(x: Tensor) -> Tensor:
-    return transpose(x).t()
-
-
 def _fp8_grad_scale(cap, temp, tanh) -> float:
-    """The power of two that puts the gradient's bound just under e5m2's largest value."""
+    """The power of two that puts q's bound just under e5m2's largest value."""
     return 2.0 ** math.floor(math.log2(E5M2_MAX / grad_bound(cap, temp, tanh)))
 
 
 @torch.library.custom_op("speedrun::linear_softcap_ce", mutates_args=())
-def _linear_softcap_ce(hidden: Tensor, weight: Tensor, targets: Tensor, cap: float,
-                       shift: float, temp: float, tanh: bool, fp8: bool,
-                       with_grad: bool) -> tuple[Tensor, Tensor]:
-    """Mean loss of softcap(hidden @ weight.T), and (when ``with_grad``) the stored gradient
-    of the per-row losses with respect to the logits (scaled, see ``_stored_grad_scale``)."""
-    empty = hidden.new_empty(0)
+def _linear_softcap_ce(hidden: Tensor, weight: Tensor, targets: Tensor, x8: Tensor,
+                       x_scale: Tensor, w8: Tensor, w_scale: Tensor, cap: float, shift: float,
+                       temp: float, tanh: bool, with_grad: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean loss of softcap(hidden @ weight.T), and (when ``with_grad``) the factors of its
+    gradient: q (scaled by ``_q_scale``), 1 / S and dc_t. The matmul runs in float8 when the
+    float8 operands x8 and w8 are given (not empty)."""
+    def empty():  # outputs may not alias each other
+        return hidden.new_empty(0)
+
     if not hidden.is_cuda or triton is None:
-        loss, grad = loss_and_grad(hidden @ weight.t(), targets, cap, shift, temp, tanh)
-        return loss.mean(), grad.to(hidden.dtype) if with_grad else empty
-    if use_fp8(hidden, weight, fp8):
-        (x8, x_scale), (w8, w_scale) = to_float8(hidden), to_float8(weight)
+        loss, q, inv_sum, slope = loss_and_factors(hidden @ weight.t(), targets, cap, shift,
+                                                   temp, tanh)
+        if not with_grad:
+            return loss.mean(), empty(), empty(), empty()
+        return loss.mean(), q.to(hidden.dtype), inv_sum, slope
+    q = None
+    if x8.numel():
         logits = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale,
                                   out_dtype=torch.bfloat16, use_fast_accum=True)
-        grad = torch.empty_like(logits, dtype=torch.float8_e5m2) if with_grad else None
+        if with_grad:
+            q = torch.empty_like(logits, dtype=torch.float8_e5m2)
     else:
         logits = hidden @ weight.t()
-        grad = logits if with_grad else None  # the gradient overwrites the logits
-    loss = kernel_loss_and_grad(logits, targets, cap, shift, temp, tanh, grad,
-                                _stored_grad_scale(hidden, weight, fp8, cap, temp, tanh))
-    return loss.mean(), empty if grad is None else grad
+        q = logits if with_grad else None  # q overwrites the logits
+    loss, inv_sum, slope = kernel_loss_and_factors(logits, targets, cap, shift, temp, tanh, q,
+                                                   q_scale=_q_scale(x8, cap, temp, tanh))
+    if not with_grad:
+        return loss.mean(), empty(), empty(), empty()
+    return loss.mean(), q, inv_sum, slope
 
 
-def _stored_grad_scale(hidden, weight, fp8, cap, temp, tanh) -> float:
-    return _fp8_grad_scale(cap, temp, tanh) if use_fp8(hidden, weight, fp8) else 1.0
+def _q_scale(x8, cap, temp, tanh) -> float:
+    return _fp8_grad_scale(cap, temp, tanh) if x8.numel() else 1.0
 
 
 @_linear_softcap_ce.register_fake
-def _(hidden, weight, targets, cap, shift, temp, tanh, fp8, with_grad):
-    rows, vocab = hidden.size(0), weight.size(0)
+def _(hidden, weight, targets, x8, x_scale, w8, w_scale, cap, shift, temp, tanh, with_grad):
+    loss = hidden.new_empty(()).float()
     if not with_grad:
-        return hidden.new_empty(()).float(), hidden.new_empty(0)
-    dtype = torch.float8_e5m2 if use_fp8(hidden, weight, fp8) else hidden.dtype
-    return hidden.new_empty(()).float(), hidden.new_empty(rows, vocab, dtype=dtype)
+        return loss, *(hidden.new_empty(0) for _ in range(3))
+    dtype = torch.float8_e5m2 if x8.numel() else hidden.dtype
+    q = hidden.new_empty(hidden.size(0), weight.size(0), dtype=dtype)
+    factor = hidden.new_empty(hidden.size(0), dtype=torch.float32)
+    return loss, q, factor, torch.empty_like(factor)
 
 
-@torch.library.custom_op("speedrun::linear_softcap_ce_backward", mutates_args=())
-def _linear_softcap_ce_backward(grad: Tensor, hidden: Tensor, weight: Tensor,
-                                scale: Tensor) -> tuple[Tensor, Tensor]:
-    """(grad_hidden, grad_weight) = scale * (grad @ weight, grad.T @ hidden), where ``scale``
-    (a one-element float32 tensor) undoes the stored scale and applies the mean and the
-    incoming gradient. A float8 ``grad`` runs both matmuls in float8."""
-    if grad.dtype != torch.float8_e5m2:
-        # scale stays float32 (a 1-element tensor promotes): a bf16 scale would be off by up to
-        # 0.4% for the whole gradient
-        return (grad @ weight).mul_(scale), (grad.t() @ hidden).mul_(scale)
-    (x8, x_scale), (w8, w_scale) = to_float8(hidden), to_float8(weight)
-    grad_hidden = torch._scaled_mm(grad, _column_major(w8), scale_a=scale, scale_b=w_scale,
-                                   out_dtype=hidden.dtype)
-    grad_weight = torch._scaled_mm(transpose(grad), _column_major(x8), scale_a=scale,
-                                   scale_b=x_scale, out_dtype=weight.dtype)
-    return grad_hidden, grad_weight
+@torch.library.custom_op("speedrun::transposed", mutates_args=())
+def _transposed(x: Tensor) -> Tensor:
+    """``transpose`` as an op that torch.compile calls as it is (it cannot trace the Triton
+    launch)."""
+    return transpose(x)
 
 
-@_linear_softcap_ce_backward.register_fake
-def _(grad, hidden, weight, scale):
-    return torch.empty_like(hidden), torch.empty_like(weight)
+@_transposed.register_fake
+def _(x):
+    return x.new_empty(x.shape[::-1])
+
+
+@torch.library.custom_op("speedrun::accumulate_rows", mutates_args=("base",))
+def _accumulate_rows(base: Tensor, index: Tensor, rows: Tensor) -> None:
+    """base[index[i]] += rows[i] in a fixed order: aten's index_put_ sorts the indices on CUDA,
+    where inductor's own lowering (and index_add_) would add with atomics, in any order."""
+    base.index_put_((index,), rows, accumulate=True)
+
+
+@_accumulate_rows.register_fake
+def _(base, index, rows):
+    return None
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, cap, shift, temp, tanh, fp8, with_grad = inputs
-    ctx.save_for_backward(hidden, weight, output[1])
-    ctx.stored_scale = _stored_grad_scale(hidden, weight, fp8, cap, temp, tanh)
+    hidden, weight, targets, x8, x_scale, w8, w_scale, cap, shift, temp, tanh, _ = inputs
+    _, q, inv_sum, slope = output
+    ctx.save_for_backward(hidden, weight, targets, q, inv_sum, slope, w8, w_scale)
+    ctx.q_scale = _q_scale(x8, cap, temp, tanh)
 
 
-def _backward(ctx, grad_loss, _grad_of_grad):
-    hidden, weight, grad = ctx.saved_tensors
-    scale = (grad_loss.float() / (hidden.size(0) * ctx.stored_scale)).reshape(1)
-    grad_hidden, grad_weight = _linear_softcap_ce_backward(grad, hidden, weight, scale)
-    return grad_hidden, grad_weight, None, None, None, None, None, None, None
+def _backward(ctx, grad_loss, *_grads_of_factors):
+    """d loss / d logits = row_scale * q - target_scale * onehot(targets): the matmuls with q,
+    rows scaled on the side that is not summed over, then the one-hot part as a gather and a
+    scatter-add of T rows. Plain torch ops but for the two custom ones, so that inductor fuses
+    the scaling and casts around the matmuls."""
+    hidden, weight, targets, q, inv_sum, slope, w8, w_scale = ctx.saved_tensors
+    per_row = grad_loss.float() / hidden.size(0)  # the mean over rows
+    row_scale = (inv_sum * (per_row / ctx.q_scale))[:, None]
+    target_scale = (slope * per_row)[:, None]
+    scaled_hidden = row_scale * hidden.float()
+    if q.dtype == torch.float8_e5m2:
+        h8, h_scale = to_float8(scaled_hidden)
+        one = w_scale.new_ones(())
+        # float8 matmuls take both operands K-major: weight and hidden transposed by the casts
+        # that inductor fuses, the (T, V) q by the Triton kernel
+        q_w = torch._scaled_mm(q, w8.t().contiguous().t(), scale_a=one, scale_b=w_scale,
+                               out_dtype=torch.float32)
+        q_h = torch._scaled_mm(_transposed(q), h8.t().contiguous().t(), scale_a=one,
+                               scale_b=h_scale, out_dtype=torch.float32)
+    else:
+        q_w = (q @ weight.to(q.dtype)).float()
+        q_h = (q.t() @ scaled_hidden.to(q.dtype)).float()
+    grad_hidden = q_w * row_scale - target_scale * weight[targets]
+    _accumulate_rows(q_h, targets, -target_scale * hidden.float())
+    return (grad_hidden.to(hidden.dtype), q_h.to(weight.dtype),
+            *(None for _ in range(10)))
 
 
 _linear_softcap_ce.register_autograd(_backward, setup_context=_setup_context)
@@ -266,13 +323,17 @@ _linear_softcap_ce.register_autograd(_backward, setup_context=_setup_context)
 def linear_softcap_cross_entropy(hidden, weight, targets, cap, shift, temp, tanh, fp8=False):
     """Mean softcapped cross-entropy of the logits hidden (T, D) @ weight (V, D).T.
 
-    One op: the Triton kernel on CUDA, ``loss_and_grad`` elsewhere. Computes the logits'
-    gradient in the forward pass only when autograd will need it."""
+    One op: the Triton kernel on CUDA, ``loss_and_factors`` elsewhere. Computes the logits'
+    gradient in the forward pass only when autograd will need it. The float8 operands are cast
+    here, outside the op, so that inductor fuses their casts."""
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    loss, _ = _linear_softcap_ce(hidden.contiguous(), weight.contiguous(), targets.contiguous(),
-                                 float(cap), float(shift), float(temp), bool(tanh), bool(fp8),
-                                 with_grad)
-    return loss
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    if use_fp8(hidden, weight, fp8):
+        (x8, x_scale), (w8, w_scale) = to_float8(hidden), to_float8(weight)
+    else:
+        x8, x_scale, w8, w_scale = (hidden.new_empty(0) for _ in range(4))
+    return _linear_softcap_ce(hidden, weight, targets.contiguous(), x8, x_scale, w8, w_scale,
+                              float(cap), float(shift), float(temp), bool(tanh), with_grad)[0]
 
 
 class _Float8Linear(torch.autograd.Function):
@@ -292,7 +353,7 @@ class _Float8Linear(torch.autograd.Function):
         x8, x_scale, w8, w_scale = ctx.saved_tensors
         g8, g_scale = to_float8(grad, torch.float8_e5m2)
         # float8 matmuls take their second operand column-major: both operands K-major. Plain
-        # .t().contiguous() rather than ``_column_major``: under compile inductor fuses these
+        # .t().contiguous() rather than ``transpose``: under compile inductor fuses these
         # copies with the casts, where the Triton transpose would be an extra opaque pass
         grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_scale,
                                   scale_b=w_scale, out_dtype=grad.dtype)

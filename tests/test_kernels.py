@@ -34,16 +34,16 @@ def make_inputs(rows=40, dim=24, vocab=300, seed=0):
 
 
 @pytest.mark.parametrize("tanh", [False, True])
-def test_loss_and_grad_is_the_autograd_gradient(tanh):
+def test_loss_and_factors_give_the_autograd_gradient(tanh):
     logits = (torch.randn(7, 90) * 8).requires_grad_()
     targets = torch.randint(0, 90, (7,))
-    loss, grad = kernels.loss_and_grad(logits, targets, *SOFTCAP, tanh)
+    loss, q, inv_sum, slope = kernels.loss_and_factors(logits, targets, *SOFTCAP, tanh)
     capped = kernels.softcap(logits, *SOFTCAP, tanh)
     expected = torch.nn.functional.cross_entropy(capped, targets, reduction="none")
     expected.sum().backward()
     torch.testing.assert_close(loss, expected.detach())
-    torch.testing.assert_close(grad, logits.grad)
-    assert grad.abs().max() <= kernels.grad_bound(SOFTCAP[0], SOFTCAP[2], tanh)
+    torch.testing.assert_close(kernels.gradient(q, inv_sum, slope, targets), logits.grad)
+    assert 0 < q.min() and q.max() <= kernels.grad_bound(SOFTCAP[0], SOFTCAP[2], tanh)
 
 
 @pytest.mark.parametrize("tanh", [False, True])
@@ -70,9 +70,10 @@ def test_no_gradient_work_without_autograd():
     hidden, weight, targets = make_inputs()
     with torch.no_grad():
         loss = kernels.linear_softcap_cross_entropy(hidden, weight, targets, *SOFTCAP, False)
-        _, grad = kernels._linear_softcap_ce(hidden, weight, targets, *SOFTCAP, False, False,
-                                              False)
-    assert grad.numel() == 0
+        empty = torch.empty(0)
+        _, *factors = kernels._linear_softcap_ce(hidden, weight, targets, empty, empty, empty,
+                                                  empty, *SOFTCAP, False, False)
+    assert all(f.numel() == 0 for f in factors)
     torch.testing.assert_close(loss, reference(hidden, weight, targets, False))
 
 
@@ -96,22 +97,25 @@ CHECK = textwrap.dedent("""
     torch.manual_seed(0)
     cap, shift, temp = 23.0, 5.0, 7.5
     for tanh in (False, True):
-        for rows, vocab in ((5, 2500), (3, 1024), (4, 1000)):
+        # rows and vocabularies that are and are not multiples of the kernel's tile
+        for rows, vocab in ((70, 300), (64, 256), (3, 1000)):
             logits = (torch.randn(rows, vocab) * 6).to(torch.bfloat16)
             targets = torch.randint(0, vocab, (rows,))
             targets[0], targets[-1] = 0, vocab - 1
-            loss, grad = kernels.loss_and_grad(logits, targets, cap, shift, temp, tanh)
-            only_loss = kernels.kernel_loss_and_grad(logits, targets, cap, shift, temp, tanh)
-            separate = torch.empty(rows, vocab, dtype=torch.float32)
-            kernel_loss = kernels.kernel_loss_and_grad(logits, targets, cap, shift, temp, tanh,
-                                                       separate, grad_scale=4.0)
+            expected = kernels.loss_and_factors(logits, targets, cap, shift, temp, tanh)
+            only_loss = kernels.kernel_loss_and_factors(logits, targets, cap, shift, temp, tanh)
+            q = torch.empty(rows, vocab, dtype=torch.float32)
+            separate = kernels.kernel_loss_and_factors(logits, targets, cap, shift, temp, tanh,
+                                                       q, q_scale=4.0)
             in_place = logits.clone()
-            kernels.kernel_loss_and_grad(in_place, targets, cap, shift, temp, tanh, in_place)
-            for got in (only_loss, kernel_loss):
-                torch.testing.assert_close(got, loss, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(separate / 4.0, grad, atol=1e-6, rtol=1e-5)
+            over = kernels.kernel_loss_and_factors(in_place, targets, cap, shift, temp, tanh,
+                                                   in_place)
+            for got in (only_loss, separate, over):
+                for a, b in zip(got, (expected[0], expected[2], expected[3])):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(q / 4.0, expected[1], atol=1e-6, rtol=1e-5)
             # written over the bf16 logits: compare at bf16 resolution
-            torch.testing.assert_close(in_place.float(), grad, atol=2e-3, rtol=1e-2)
+            torch.testing.assert_close(in_place.float(), expected[1], atol=2e-3, rtol=1e-2)
     print("kernel matches reference")
 """)
 
