@@ -270,18 +270,6 @@ def _(x):
     return x.new_empty(x.shape[::-1])
 
 
-@torch.library.custom_op("speedrun::accumulate_rows", mutates_args=("base",))
-def _accumulate_rows(base: Tensor, index: Tensor, rows: Tensor) -> None:
-    """base[index[i]] += rows[i] in a fixed order: aten's index_put_ sorts the indices on CUDA,
-    where inductor's own lowering (and index_add_) would add with atomics, in any order."""
-    base.index_put_((index,), rows, accumulate=True)
-
-
-@_accumulate_rows.register_fake
-def _(base, index, rows):
-    return None
-
-
 def _setup_context(ctx, inputs, output):
     hidden, weight, targets, x8, x_scale, w8, w_scale, cap, shift, temp, tanh, _ = inputs
     _, q, inv_sum, slope = output
@@ -292,7 +280,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_grads_of_factors):
     """d loss / d logits = row_scale * q - target_scale * onehot(targets): the matmuls with q,
     rows scaled on the side that is not summed over, then the one-hot part as a gather and a
-    scatter-add of T rows. Plain torch ops but for the two custom ones, so that inductor fuses
+    scatter-add of T rows. Plain torch ops but for the transpose, so that inductor fuses
     the scaling and casts around the matmuls."""
     hidden, weight, targets, q, inv_sum, slope, w8, w_scale = ctx.saved_tensors
     per_row = grad_loss.float() / hidden.size(0)  # the mean over rows
@@ -312,8 +300,9 @@ def _backward(ctx, grad_loss, *_grads_of_factors):
         q_w = (q @ weight.to(q.dtype)).float()
         q_h = (q.t() @ scaled_hidden.to(q.dtype)).float()
     grad_hidden = q_w * row_scale - target_scale * weight[targets]
-    _accumulate_rows(q_h, targets, -target_scale * hidden.float())
-    return (grad_hidden.to(hidden.dtype), q_h.to(weight.dtype),
+    # atomic adds on CUDA, as in the embeddings' backward: fast, in no fixed order
+    grad_weight = q_h.index_add(0, targets, -target_scale * hidden.float())
+    return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
             *(None for _ in range(10)))
 
 

@@ -202,11 +202,11 @@ def test_blocks_are_identity_at_init(tiny_model_config):
     torch.testing.assert_close(gpt(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def reference_attention(attn, x, ve, mask, freqs, scale):
+def reference_attention(attn, x, ve, mask, rotary, scale):
     """Attention written out plainly, with value gate 1 and output gate 1/2 (their init)."""
     w = attn.qkvo
     q, k, v = (F.linear(x, w[i]).view(1, x.size(1), 2, 32) for i in range(3))
-    q, k = M.apply_rotary(M.norm(q), freqs), M.apply_rotary(M.norm(k), freqs)
+    q, k = M.apply_rotary(M.norm(q), *rotary), M.apply_rotary(M.norm(k), *rotary)
     v = v + ve.view_as(v)
     y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
                                        attn_mask=mask, scale=scale.item())
@@ -221,8 +221,9 @@ def test_gates_start_at_documented_values(tiny_model_config):
     mask = M.dense_attention_mask(torch.zeros(32, dtype=torch.int32), 2, 16)
     with torch.no_grad():
         attn.qkvo[3].normal_()
-        got = attn(x, ve, mask, gpt.rotary_freqs, gpt.attn_scale)
-        expected = reference_attention(attn, x, ve, mask, gpt.rotary_freqs, gpt.attn_scale)
+        rotary = M.rotary_tables(gpt.rotary_freqs, 32)
+        got = attn(x, ve, mask, rotary, gpt.attn_scale)
+        expected = reference_attention(attn, x, ve, mask, rotary, gpt.attn_scale)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert gpt.skip_lambdas.tolist() == [-1.5] and gpt.smear_lambda.item() == 0.0
 
@@ -349,3 +350,14 @@ def test_bf16_compute_keeps_activations_bf16_and_tracks_float32(tiny_model_confi
         assert p.dtype == g16.dtype == torch.float32, name
         error = (g16 - g32).norm() / g32.norm().clamp_min(1e-12)
         assert error < 0.1, (name, error.item())
+
+
+def test_rotary_tables_are_cos_and_sin_of_position_times_frequency():
+    """One op, also when traced (aot_eager checks its fake registration), so that inductor keeps
+    the tables instead of re-evaluating sin and cos in every layer."""
+    freqs = M.rotary_frequencies(16, 0.5, 1024.0).float()
+    tables = torch.compile(M.rotary_tables, backend="aot_eager", fullgraph=True)(freqs, 40)
+    angles = torch.arange(40.0)[:, None] * freqs[None, :]
+    for got, expected in zip(tables, (angles.cos(), angles.sin()), strict=True):
+        assert got.shape == (1, 40, 1, 8)
+        torch.testing.assert_close(got[0, :, 0], expected)
