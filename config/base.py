@@ -39,9 +39,9 @@ model_config = dict(
     softcap_shift=5.0,
     softcap_temp=7.5,
     fused_loss=True,  # lm_head + softcap + cross-entropy as one op (kernels.py)
-    # float8 matmuls in that op where the GPU has them (capability >= 8.9, else bf16): 6.6%
-    # faster per step on the H100, at ~6% relative error in the lm_head's gradients against
-    # bf16's 0.3% (README, Speed); the speedrun records take the same trade
+    # float8 matmuls in that op where the GPU has them (capability >= 8.9, else bf16): faster
+    # per step on the H100 (6.6% when introduced), at 0.3-0.5% relative error in the lm_head's
+    # gradients against bf16's 0.03-0.06% (README, Speed; tests/test_gpu.py)
     fp8_lm_head=True,
     # the MLP's matmuls in float8 too (kernels.linear, same guard, dynamic per-tensor scales):
     # 3% faster per step and 5.6 GB less memory, at ~6% relative error in the MLP's output

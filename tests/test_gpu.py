@@ -70,8 +70,9 @@ def test_window_change_does_not_recompile(tiny_model_config):
 @pytest.mark.parametrize("fp8", [False, True])
 def test_linear_softcap_cross_entropy_on_gpu(tanh, compiled, fp8):
     """The op (Triton kernel, bf16 or float8 matmuls) against F.linear + the float32 reference
-    on the same bf16 inputs. float8 rounds hidden and weight to 3 mantissa bits and the
-    gradient to 2: its tolerances are those of that rounding, averaged over many terms."""
+    on the same bf16 inputs. float8 rounds hidden and weight to 3 mantissa bits and q to 2
+    (the one-hot part stays exact): its tolerances are those of that rounding, averaged over
+    many terms (measured on an H100: 0.3-0.5%; bf16 0.03-0.06%)."""
     import kernels
 
     torch.manual_seed(0)
@@ -89,7 +90,7 @@ def test_linear_softcap_cross_entropy_on_gpu(tanh, compiled, fp8):
     logits = torch.nn.functional.linear(hidden.float(), weight.float())
     expected = kernels.softcap_cross_entropy_reference(logits, targets, 23.0, 5.0, 7.5, tanh)
     expected.backward()
-    loss_tol, grad_tol = (2e-3, 0.1) if fp8 else (1e-4, 1e-2)
+    loss_tol, grad_tol = (2e-3, 0.02) if fp8 else (1e-4, 5e-3)
     assert loss.item() == pytest.approx(expected.item(), rel=loss_tol)
     for got, want in zip(grads, (hidden.grad, weight.grad), strict=True):
         error = ((got - want).norm() / want.norm()).item()
