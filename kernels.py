@@ -5,7 +5,7 @@ The speedrun's loss takes (T, V) logits = hidden @ W.T, softcaps them and takes 
 cross-entropy in float32. Left to autograd that keeps the logits for the backward pass and then
 allocates their gradient beside them: two (T, V) buffers, 13 GB at T = 64K. Here the forward
 pass also computes the logits' gradient (a mean loss has no other consumer), in one read of the
-logits, and the backward pass is then just the two matmuls.
+logits, and the backward pass is then the two matmuls and a few (T, D)-sized operations.
 
 One read is enough because the softcap bounds the logits c to [0, cap] (sigmoid form) or
 [-cap, cap] (tanh form), so e = exp(c - cap) needs no running max and cannot overflow. Row by
