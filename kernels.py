@@ -286,7 +286,8 @@ def _backward(ctx, grad_loss, *_grads_of_factors):
     per_row = grad_loss.float() / hidden.size(0)  # the mean over rows
     row_scale = (inv_sum * (per_row / ctx.q_scale))[:, None]
     target_scale = (slope * per_row)[:, None]
-    scaled_hidden = row_scale * hidden.float()
+    hidden32 = hidden.float()
+    scaled_hidden = row_scale * hidden32
     if q.dtype == torch.float8_e5m2:
         h8, h_scale = to_float8(scaled_hidden)
         one = w_scale.new_ones(())
@@ -301,7 +302,7 @@ def _backward(ctx, grad_loss, *_grads_of_factors):
         q_h = (q.t() @ scaled_hidden.to(q.dtype)).float()
     grad_hidden = q_w * row_scale - target_scale * weight[targets]
     # atomic adds on CUDA, as in the embeddings' backward: fast, in no fixed order
-    grad_weight = q_h.index_add(0, targets, -target_scale * hidden.float())
+    grad_weight = q_h.index_add(0, targets, -target_scale * hidden32)
     return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
             *(None for _ in range(10)))
 

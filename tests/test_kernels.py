@@ -194,7 +194,7 @@ def test_float8_linear_is_the_matmul_of_its_quantized_operands():
 
 
 def test_float8_linear_traces_whole_under_compile():
-    """dynamo traces the float8 linear, transposes included (a custom op), in one graph."""
+    """dynamo traces the float8 linear, its transposed copies included, in one graph."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 48, generator=g).requires_grad_()
     weight = (torch.randn(80, 48, generator=g) * 0.05).requires_grad_()
