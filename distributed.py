@@ -5,7 +5,9 @@
 torchrun starts N processes and tells each its place in RANK, WORLD_SIZE and LOCAL_RANK.
 Without them (a plain ``python run.py``) the world is one process, rank 0 of 1: no process
 group is made and every helper returns its input untouched, so the single-GPU run pays nothing.
-The optimizer (optimizers.py) decides which gradients go through which collective.
+The optimizer (optimizers.py) decides which gradients go through which collective. NCCL runs
+with its own defaults and whatever the environment sets (README, Several GPUs, names the
+variables that turn NVLink multicast off on hosts that need it).
 """
 
 import os
@@ -13,19 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-# The lent multi-GPU machines need NVLink multicast (NVLS) off in NCCL, in torch's symmetric
-# memory and in NVSHMEM. Set only where the user has not set them: export any of them to lift it.
-MULTICAST_OFF = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
-
-
-def disable_multicast(environ=os.environ):
-    for name, value in MULTICAST_OFF.items():
-        environ.setdefault(name, value)
 
 
 @dataclass(frozen=True)
@@ -66,7 +55,6 @@ class World:
             torch.cuda.set_device(device)
         if not self.distributed:
             return
-        disable_multicast()
         if device_kind == "cuda":
             dist.init_process_group("nccl", device_id=device)
         else:

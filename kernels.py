@@ -22,9 +22,8 @@ With ``fp8`` on a GPU of compute capability 8.9 or later the three matmuls run i
 (torch._scaled_mm): hidden and W in e4m3 with one dynamic scale each, q in e5m2 with a fixed
 power-of-two scale that its bound allows (e <= 1). float8 matmuls take both operands K-major, so
 the weight gradient's takes q transposed, by a tiled Triton kernel. The one-hot part stays out
-of float8: stored in e5m2 with q (2 mantissa bits) it made the gradients 6-7% wrong, against
-0.3-0.5% now (tests/test_gpu.py). Elsewhere ``fp8`` is ignored and the matmuls run in the
-inputs' dtype.
+of float8: stored in e5m2 with q it would carry only 2 mantissa bits (README, Speed, gives the
+errors). Elsewhere ``fp8`` is ignored and the matmuls run in the inputs' dtype.
 
 ``linear(x, weight, fp8=True)`` runs x @ weight.T and both of its backward matmuls in float8
 with one dynamic scale per tensor (e4m3 for x and the weight, e5m2 for the output's gradient).
@@ -71,7 +70,7 @@ def grad_bound(cap: float, temp: float, tanh: bool) -> float:
 def loss_and_factors(logits, targets, cap, shift, temp, tanh):
     """What the Triton kernel computes, by plain PyTorch ops in float32 (for the CPU and for
     tests): the per-row loss, q = exp(c - cap) * dc, 1 / sum(exp(c - cap)) per row and the
-    target's slope dc_t, such that d loss_row / d z = q / S - dc_t * onehot (``gradient``)."""
+    target's slope dc_t, such that d loss_row / d z = q / S - dc_t * onehot."""
     z = logits.float()
     capped = softcap(z, cap, shift, temp, tanh)
     if tanh:
@@ -84,13 +83,6 @@ def loss_and_factors(logits, targets, cap, shift, temp, tanh):
     rows = torch.arange(len(targets), device=logits.device)
     loss = torch.log(total) + cap - capped[rows, targets]
     return loss, e * slope, 1.0 / total, slope[rows, targets]
-
-
-def gradient(q, inv_sum, target_slope, targets):
-    """d loss_row / d logits from ``loss_and_factors``'s factors."""
-    grad = q.float() * inv_sum[:, None]
-    grad[torch.arange(len(targets), device=q.device), targets] -= target_slope
-    return grad
 
 
 if triton is not None:
@@ -152,7 +144,7 @@ if triton is not None:
 
 def transpose(x: Tensor) -> Tensor:
     """x.t().contiguous() for a row-major 2-D tensor. On CUDA a tiled Triton kernel: torch's
-    generic strided copy is several times slower for float8 tensors (H100 profile)."""
+    generic strided copy is several times slower for float8 tensors (README, Speed)."""
     if not x.is_cuda or triton is None:
         return x.t().contiguous()
     return kernel_transpose(x)

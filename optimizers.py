@@ -10,7 +10,7 @@ Every parameter carries ``.label`` and optionally ``.lr_mul`` / ``.wd_mul`` (def
 * ``"scalar"``: lambdas, skip weights and small gate weights, trained by a separate Adam that
   the trainer can freeze for a few steps.
 
-``build_optimizer(model_or_named_params, optimizer_config, world)`` returns one ``Optimizers``
+``build_optimizer(model_or_named_params, OptimizerConfig, world)`` returns one ``Optimizers``
 object. With several ranks (``distributed.World``) it also reduces the gradients: the matrix
 optimizer's by reduce-scatter, so each rank orthogonalises only its share of the matrices and
 all-gathers the new weights; Adam's by all-reduce. In a world of one there is no collective.
@@ -22,7 +22,7 @@ matrix_optimizer    "normuon" | "bam" | "aro"                                   
 adam                lr, betas, eps, weight_decay of the "adam" group
                     0.008, (0.5, 0.95), 1e-10, 0.005
 scalar_adam         the same keys for the "scalar" group       0.008, (0.9, 0.99), 1e-10, 0.005
-normuon             lr, momentum, beta2, weight_decay, ns_steps       0.023, 0.95, 0.9, 1.2, 5
+normuon             lr, momentum, beta2, weight_decay                     0.023, 0.95, 0.9, 1.2
 bam                 lr, momentum, weight_decay                                0.023, 0.95, 1.2
 aro                 lr, momentum, weight_decay, sinkhorn_iters, rms     0.004, 0.95, 40, 5, 0.2
 label_lr_mul        label -> lr multiplier (a missing label means 1.0)
@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from distributed import World
+from utils import ConfigError, build_section
 
 LABEL_GROUPS: dict[str, str] = {
     "embed": "adam",
@@ -61,26 +60,104 @@ LABEL_GROUPS: dict[str, str] = {
     "scalar": "scalar",
     "gate": "scalar",
 }
-GROUP_NAMES = ("adam", "matrix", "scalar")
 MATRIX_OPTIMIZERS = ("normuon", "bam", "aro")
-
-_SECTION_KEYS = {
-    "adam": {"lr", "betas", "eps", "weight_decay"},
-    "scalar_adam": {"lr", "betas", "eps", "weight_decay"},
-    "normuon": {"lr", "momentum", "beta2", "weight_decay", "ns_steps"},
-    "bam": {"lr", "momentum", "weight_decay"},
-    "aro": {"lr", "momentum", "weight_decay", "sinkhorn_iters", "rms"},
-}
-_LABEL_KEYS = ("label_lr_mul", "label_wd_mul", "label_betas")
 # Smallest divisor for norms: small enough that any non-zero input keeps scale invariance.
 _TINY = 1e-30
+
+
+# -----------------------------------------------------------------------------------------
+# optimizer_config, typed
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    lr: float
+    betas: tuple
+    eps: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class NorMuonConfig:
+    lr: float
+    momentum: float
+    beta2: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class BamConfig:
+    lr: float
+    momentum: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class AroConfig:
+    lr: float
+    momentum: float
+    weight_decay: float
+    sinkhorn_iters: int
+    rms: float
+
+
+_MATRIX_CONFIGS = {"normuon": NorMuonConfig, "bam": BamConfig, "aro": AroConfig}
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """``optimizer_config``. The sections of the matrix optimizers not chosen are optional."""
+
+    matrix_optimizer: str
+    adam: AdamConfig
+    scalar_adam: AdamConfig
+    matrix: NorMuonConfig | BamConfig | AroConfig  # the chosen one's section
+    label_lr_mul: dict
+    label_wd_mul: dict
+    label_betas: dict
+
+    @classmethod
+    def from_dict(cls, values: dict) -> OptimizerConfig:
+        name = "optimizer_config"
+        allowed = {"matrix_optimizer", "adam", "scalar_adam", *MATRIX_OPTIMIZERS,
+                   "label_lr_mul", "label_wd_mul", "label_betas"}
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ConfigError(f"{name}: unknown keys {unknown}")
+        method = values.get("matrix_optimizer")
+        if method not in MATRIX_OPTIMIZERS:
+            raise ConfigError(f"{name}.matrix_optimizer must be one of {MATRIX_OPTIMIZERS}, "
+                              f"got {method!r}")
+        for section in ("adam", "scalar_adam", method):
+            if section not in values:
+                raise ConfigError(f"{name} lacks the {section!r} section")
+        labels = {}
+        for key in ("label_lr_mul", "label_wd_mul", "label_betas"):
+            labels[key] = dict(values.get(key, {}))
+            unknown = sorted(set(labels[key]) - set(LABEL_GROUPS))
+            if unknown:
+                raise ConfigError(f"{name}.{key} has unknown labels {unknown}")
+        matrix_betas = [k for k in labels["label_betas"] if LABEL_GROUPS[k] == "matrix"]
+        if matrix_betas:
+            raise ConfigError(f"{name}.label_betas applies to Adam labels only, got "
+                              f"{matrix_betas}")
+        for other in set(MATRIX_OPTIMIZERS) - {method}:
+            if other in values:  # unused here, but a later --matrix_optimizer may pick it
+                build_section(_MATRIX_CONFIGS[other], f"{name}.{other}", values[other])
+        return cls(method,
+                   build_section(AdamConfig, f"{name}.adam", values["adam"]),
+                   build_section(AdamConfig, f"{name}.scalar_adam", values["scalar_adam"]),
+                   build_section(_MATRIX_CONFIGS[method], f"{name}.{method}", values[method]),
+                   **labels)
+
 
 # -----------------------------------------------------------------------------------------
 # Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932)
 
-# Five steps for l = 1e-3, safety 2e-2, cushion 0.02: the values modded-nanogpt uses.
-# Hard-coded so every machine runs bit-identical constants; the tests rebuild them with
-# polar_express_coefficients().
+# The paper's greedy schedule of five odd quintics for singular values in [1e-3, 1] (safety
+# 2e-2, cushion 0.02): the values modded-nanogpt uses. Hard-coded so every machine runs
+# bit-identical constants; tests/test_optimizers.py rebuilds them from the paper's
+# construction.
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -90,76 +167,16 @@ POLAR_EXPRESS_COEFFS = (
 )
 
 
-def _odd_quintic(coeffs: tuple[float, float, float], x: float) -> float:
-    a, b, c = coeffs
-    return a * x + b * x**3 + c * x**5
-
-
-def optimal_odd_quintic(lo: float, hi: float) -> tuple[float, float, float]:
-    """Minimax odd quintic a x + b x^3 + c x^5 approximating 1 on [lo, hi] (Remez exchange).
-
-    The error equioscillates at lo, the two critical points and hi (p - 1 = -E, +E, -E, +E).
-    """
-    if lo / hi > 1 - 5e-6:
-        # The interval is numerically a point: take the limit polynomial, flat at hi.
-        return 15 / 8 / hi, -10 / 8 / hi**3, 3 / 8 / hi**5
-    nodes = [lo, (3 * lo + hi) / 4, (lo + 3 * hi) / 4, hi]
-    err = math.inf
-    for _ in range(100):
-        system = np.array([[x, x**3, x**5, (-1) ** i] for i, x in enumerate(nodes)])
-        a, b, c, new_err = np.linalg.solve(system, np.ones(4))
-        # The interior nodes move to the roots of p'(x) = a + 3b x^2 + 5c x^4.
-        disc = math.sqrt(9 * b * b - 20 * a * c)
-        nodes[1] = math.sqrt((-3 * b - disc) / (10 * c))
-        nodes[2] = math.sqrt((-3 * b + disc) / (10 * c))
-        if abs(new_err - err) <= 1e-15:
-            break
-        err = new_err
-    return float(a), float(b), float(c)
-
-
-def polar_express_coefficients(
-    steps: int, lo: float = 1e-3, safety: float = 2e-2, cushion: float = 0.02
-) -> tuple[tuple[float, float, float], ...]:
-    """The paper's greedy schedule of odd quintics for singular values in [lo, 1].
-
-    Each step takes the minimax quintic on [max(lo, cushion * hi), hi] (the cushion stops the
-    first steps from spending their degree on the tiniest singular values), rescales it so that
-    p(lo) and p(hi) straddle 1 symmetrically, and, except on the last step, evaluates it at
-    x / (1 + safety) so bf16 rounding cannot push values past the next step's interval.
-    """
-    hi = 1.0
-    coeffs = []
-    for step in range(steps):
-        abc = optimal_odd_quintic(max(lo, cushion * hi), hi)
-        scale = 2 / (_odd_quintic(abc, lo) + _odd_quintic(abc, hi))
-        a, b, c = (scale * v for v in abc)
-        if step < steps - 1:
-            s = 1 + safety
-            a, b, c = a / s, b / s**3, c / s**5
-        coeffs.append((a, b, c))
-        lo = _odd_quintic((a, b, c), lo)
-        hi = 2 - lo
-    return tuple(coeffs)
-
-
-@lru_cache
-def _coefficients(steps: int) -> tuple[tuple[float, float, float], ...]:
-    return POLAR_EXPRESS_COEFFS if steps == 5 else polar_express_coefficients(steps)
-
-
-def polar_express(G: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """Approximate the polar factor U V^T of every matrix in G (..., m, n), computed in dtype.
-
-    bf16 is the speedrun's choice; a wider dtype is there to check the coefficients.
-    """
+def polar_express(G: Tensor) -> Tensor:
+    """Approximate the polar factor U V^T of every matrix in G (..., m, n), in bf16 (the
+    speedrun's choice)."""
     tall = G.size(-2) > G.size(-1)
     X = G.mT if tall else G
     batch = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])  # (K, m, n): baddbmm's shape
     # The Frobenius norm bounds the spectral norm; 1.02 leaves headroom for bf16 rounding.
-    X = (X / (X.float().norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-7)).to(dtype)
-    for a, b, c in _coefficients(steps):
+    X = (X / (X.float().norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-7)).bfloat16()
+    for a, b, c in POLAR_EXPRESS_COEFFS:
         A = X @ X.mT  # Gram matrix on the smaller side, hence the transpose of tall inputs
         # b A + c A A, then a X + B X: the scaled sums run in the matmuls' epilogues
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
@@ -177,14 +194,14 @@ def _normalize(X: Tensor, dim: int, target: float = 1.0) -> Tensor:
     return X * (target / X.norm(dim=dim, keepdim=True).clamp_min(_TINY))
 
 
-def normuon_direction(M: Tensor, second_moment: Tensor, beta2: float, steps: int = 5) -> Tensor:
+def normuon_direction(M: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
     """Polar Express, then NorMuon's neuron-wise variance normalisation (arXiv:2510.05491).
 
     ``second_moment`` (updated in place) holds an EMA of the mean square of the orthogonalised
     update, one value per index of the larger dimension; the normalised update is rescaled to
     the Frobenius norm it had before.
     """
-    ortho = polar_express(M, steps).float()
+    ortho = polar_express(M).float()
     reduce_dim = -1 if ortho.size(-2) >= ortho.size(-1) else -2
     mean_sq = ortho.square().mean(dim=reduce_dim, keepdim=True)
     second_moment.lerp_(mean_sq, 1 - beta2)
@@ -219,8 +236,8 @@ def qr_orthonormal(A: Tensor) -> Tensor:
     """The Q of A = QR for a batch of square matrices.
 
     CholeskyQR2 in float64 (Q = A chol(A^T A)^-T, twice) is a handful of batched kernels,
-    where cuSOLVER's Householder QR runs one matrix at a time (about 3 ms per 768 x 768 on an
-    H100). It is the same factorisation up to column signs, which ARO's update ignores.
+    where cuSOLVER's Householder QR runs one matrix at a time. It is the same factorisation up
+    to column signs, which ARO's update ignores.
     Rank-deficient or very ill-conditioned inputs fall back to Householder.
     """
     Q = A.double()
@@ -300,7 +317,7 @@ def matrix_update(M: Tensor, weights: Tensor, state: dict, method: str, hp: dict
     """New weights from the Nesterov momentum ``M``: the method's direction, then the cautious
     update; ``state`` is updated in place (ARO's rotation is replaced in the dict)."""
     if method == "normuon":
-        U = normuon_direction(M, state["second_moment"], hp["beta2"], hp["ns_steps"])
+        U = normuon_direction(M, state["second_moment"], hp["beta2"])
     elif method == "bam":
         U = sink_norm(M)
     else:
@@ -368,8 +385,8 @@ class _Entry:
 class _AdamGroup:
     """Adam over a group's parameters. ``one_call``: all of them in one (compiled) call, for
     the scalar group, whose cost is kernel launches, not bytes. Otherwise one call a
-    parameter: the embedding tables share one graph, which the table that the untie adds
-    reuses instead of compiling a graph for a longer list."""
+    parameter: the tables share one graph however many of them have gradients (the embedding
+    has none while it is tied), where a call over a list would compile again at the untie."""
 
     def __init__(self, hp: dict, label_betas: dict, one_call: bool = False):
         self.hp = hp
@@ -578,34 +595,6 @@ class _MatrixGroup:
 # The object the trainer drives
 
 
-def validate_optimizer_config(config: dict) -> dict:
-    """Raise ValueError naming what is wrong with an optimizer_config; returns it."""
-    allowed = {"matrix_optimizer", *_SECTION_KEYS, *_LABEL_KEYS}
-    unknown = set(config) - allowed
-    if unknown:
-        raise ValueError(f"unknown optimizer_config keys {sorted(unknown)}")
-    method = config.get("matrix_optimizer")
-    if method not in MATRIX_OPTIMIZERS:
-        raise ValueError(f"matrix_optimizer must be one of {MATRIX_OPTIMIZERS}, got {method!r}")
-    for section in ("adam", "scalar_adam", method):
-        if section not in config:
-            raise ValueError(f"optimizer_config lacks the {section!r} section")
-    for section, keys in _SECTION_KEYS.items():
-        if section in config and set(config[section]) != keys:
-            raise ValueError(
-                f"optimizer_config[{section!r}] must have exactly the keys {sorted(keys)}, "
-                f"got {sorted(config[section])}"
-            )
-    for key in _LABEL_KEYS:
-        unknown = set(config.get(key, {})) - set(LABEL_GROUPS)
-        if unknown:
-            raise ValueError(f"optimizer_config[{key!r}] has unknown labels {sorted(unknown)}")
-    matrix_betas = [k for k in config.get("label_betas", {}) if LABEL_GROUPS[k] == "matrix"]
-    if matrix_betas:
-        raise ValueError(f"label_betas applies to Adam labels only, got {matrix_betas}")
-    return config
-
-
 def _copy_state(source: dict, fresh: dict) -> dict:
     """Deep copy of ``source`` shaped like ``fresh``; 2-D tensors may arrive transposed."""
     out = {}
@@ -628,34 +617,25 @@ def _copy_state(source: dict, fresh: dict) -> dict:
 class Optimizers:
     """Adam + matrix optimizer + scalar Adam, stepped, zeroed and checkpointed as one.
 
-    State is keyed by parameter name in a stable order (the order given, then added params),
-    never by id(), so a checkpoint loads into a freshly built model and optimizer.
+    State is keyed by parameter name in a stable order (the order given), never by id(), so a
+    checkpoint loads into a freshly built model and optimizer.
     """
 
-    def __init__(
-        self,
-        named_params: Iterable,
-        config: dict,
-        module: nn.Module | None = None,
-        world: World | None = None,
-    ):
-        config = validate_optimizer_config(config)
+    def __init__(self, named_params: Iterable, config: OptimizerConfig,
+                 world: World | None = None):
         self.world = world or World()
-        self.matrix_optimizer = config["matrix_optimizer"]
-        self._label_lr_mul = dict(config.get("label_lr_mul", {}))
-        self._label_wd_mul = dict(config.get("label_wd_mul", {}))
-        label_betas = dict(config.get("label_betas", {}))
-        matrix_hp = dict(config[self.matrix_optimizer])
+        self.matrix_optimizer = config.matrix_optimizer
+        self._label_lr_mul = config.label_lr_mul
+        self._label_wd_mul = config.label_wd_mul
         self._groups = {
-            "adam": _AdamGroup(dict(config["adam"]), label_betas),
-            "matrix": _MatrixGroup(self.matrix_optimizer, matrix_hp, self.world),
-            "scalar": _AdamGroup(dict(config["scalar_adam"]), label_betas, one_call=True),
+            "adam": _AdamGroup(asdict(config.adam), config.label_betas),
+            "matrix": _MatrixGroup(self.matrix_optimizer, asdict(config.matrix), self.world),
+            "scalar": _AdamGroup(asdict(config.scalar_adam), config.label_betas, one_call=True),
         }
-        self._module = module
         self._entries: list[_Entry] = []
         self._by_id: dict[int, _Entry] = {}
         self.lr_factor = 1.0
-        self.momentum = float(matrix_hp["momentum"])
+        self.momentum = float(config.matrix.momentum)
         self.frozen_scalar_steps = 0
         for item in named_params:
             # A bare tensor would unpack along its first dim: insist on (name, param) pairs.
@@ -751,28 +731,6 @@ class Optimizers:
             raise ValueError(f"n_steps must be >= 0, got {n_steps}")
         self.frozen_scalar_steps = int(n_steps)
 
-    def add_param(
-        self,
-        new_param: nn.Parameter,
-        copy_state_from: nn.Parameter | None = None,
-        name: str | None = None,
-    ) -> None:
-        """Add a parameter to the group of its label, after all the others.
-
-        ``copy_state_from`` gives it a deep copy of that parameter's state (``copy_state``).
-        The name defaults to the parameter's name in the model.
-        """
-        if copy_state_from is not None and id(copy_state_from) not in self._by_id:
-            raise ValueError("copy_state_from is not a parameter of this optimizer")
-        if name is None and self._module is not None:
-            name = next((n for n, p in self._module.named_parameters() if p is new_param), None)
-        if LABEL_GROUPS.get(getattr(new_param, "label", None)) == "matrix":
-            # A new matrix moves every rank's share of its shape group: make the state whole.
-            self._groups["matrix"].gather_state()
-        self._register(name or f"added.{len(self._entries)}", new_param)
-        if copy_state_from is not None:
-            self.copy_state(new_param, copy_state_from)
-
     def copy_state(self, target: nn.Parameter, source: nn.Parameter) -> None:
         """Give ``target`` a deep copy of ``source``'s state (the untie of the embedding from
         the lm_head); a 2-D state may arrive transposed. Both must be in the same group."""
@@ -785,10 +743,6 @@ class Optimizers:
                 f"cannot copy {source_entry.group!r} state into a {entry.group!r} parameter"
             )
         entry.state = _copy_state(source_entry.state, entry.state)
-
-    def groups(self) -> dict[str, dict[str, nn.Parameter]]:
-        """{group: {name: param}} for "adam", "matrix" and "scalar", in optimizer order."""
-        return {g: {e.name: e.param for e in self._groups[g].entries} for g in GROUP_NAMES}
 
     def state_dict(self) -> dict:
         """A snapshot (tensors are cloned) that later steps do not modify; the full state on
@@ -847,11 +801,9 @@ class Optimizers:
         self.frozen_scalar_steps = int(state_dict["frozen_scalar_steps"])
 
 
-def build_optimizer(
-    model_or_named_params, optimizer_config: dict, world: World | None = None
-) -> Optimizers:
+def build_optimizer(model_or_named_params, config: OptimizerConfig,
+                    world: World | None = None) -> Optimizers:
     """Build the optimizers from a model or from ``model.named_parameters()``-style pairs."""
     if isinstance(model_or_named_params, nn.Module):
-        model = model_or_named_params
-        return Optimizers(model.named_parameters(), optimizer_config, module=model, world=world)
-    return Optimizers(model_or_named_params, optimizer_config, world=world)
+        model_or_named_params = model_or_named_params.named_parameters()
+    return Optimizers(model_or_named_params, config, world=world)

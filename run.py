@@ -1,15 +1,18 @@
-"""Command line entry point: load a config module, apply overrides, set up the device, train.
+"""The process: command line, config, device, data, the mode (train or benchmark), exit codes.
 
     uv run run.py --config config/base.py [--seed 123] [--early_stop_steps 10] [--key value ...]
+    uv run run.py --config config/base.py --benchmark      # time every stage of the schedule
     torchrun --standalone --nproc_per_node=N run.py --config config/base.py   # N GPUs
 
 A config is a flat Python module whose public dict attributes (``model_config``,
-``optimizer_config``, ``training_config``, ...) are the sections of the run's configuration.
-Any key can be overridden from the command line as ``--key value`` (when the key name is unique
-across sections) or ``--section.key value`` / ``--section.sub.key value`` (always unambiguous).
-Values are parsed as Python literals and must keep the type of the value they replace.
-Everything here is checked before torch is imported, so a bad command fails in a blink.
-Under torchrun every process checks the same and exits with the same status; rank 0 says why.
+``optimizer_config``, ``training_config``, ``schedule``, ...) are the sections of the run's
+configuration. Any key can be overridden from the command line as ``--key value`` (when the
+key name is unique across sections) or ``--section.key value`` / ``--section.sub.key value``
+(always unambiguous). Values are parsed as Python literals and must keep the type of the value
+they replace. The command line is checked before torch is imported; then ``build_config``
+turns the sections into their typed, checked objects once (``RunConfig``), before any model
+is built, and the rest of the code receives those. Under torchrun every process checks the
+same and exits with the same status; rank 0 says why.
 """
 
 import argparse
@@ -18,10 +21,13 @@ import copy
 import difflib
 import importlib.util
 import os
+import pickle
 import sys
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from utils import REPO_ROOT, ConfigError
+from utils import REPO_ROOT, ConfigError, repo_path
 
 EXIT_USAGE = 2
 
@@ -173,6 +179,211 @@ def apply_environment(config, environ=os.environ):
 
 
 # ----------------------------------------------------------------------------------------------
+# The typed config
+
+
+SECTIONS = ("model_config", "optimizer_config", "training_config", "schedule", "data_config",
+            "logging_config", "compile_config")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every section of a config, typed and checked; ``raw`` is the resolved config as loaded
+    (overrides applied), kept for the log, W&B, checkpoints and records."""
+
+    model: object  # model.GPTConfig
+    optimizer: object  # optimizers.OptimizerConfig
+    training: object  # train.TrainingConfig
+    schedule: object  # train.Schedule
+    data: object  # data.loader.DataConfig
+    logging: object  # train.LoggingConfig
+    compile: object  # utils.CompileConfig
+    raw: dict
+
+
+def build_config(raw: dict, world_size: int = 1) -> RunConfig:
+    """Check every section and the rules between them; ConfigError names the first problem."""
+    from data.loader import DataConfig
+    from model import GPTConfig
+    from optimizers import OptimizerConfig
+    from train import LoggingConfig, Schedule, ScheduleConfig, TrainingConfig
+    from utils import CompileConfig, build_section
+
+    unknown = sorted(set(raw) - set(SECTIONS))
+    missing = [s for s in SECTIONS if s not in raw]
+    if unknown or missing:
+        raise ConfigError(f"config: unknown sections {unknown}, missing sections {missing}")
+    model = build_section(GPTConfig, "model_config", raw["model_config"])
+    training = build_section(TrainingConfig, "training_config", raw["training_config"])
+    schedule = Schedule(ScheduleConfig.from_dict(raw["schedule"]), training.batch_size_multiple,
+                        training.max_seq_len, world_size)
+    if training.max_seq_len % model.block_size:
+        raise ConfigError(f"training_config.max_seq_len ({training.max_seq_len}) must be a "
+                          f"multiple of model_config.block_size ({model.block_size})")
+    if training.val_tokens <= 0 or training.val_tokens % schedule.round_tokens:
+        raise ConfigError(f"training_config.val_tokens ({training.val_tokens}) must be a "
+                          f"positive multiple of {schedule.describe_round()}")
+    if training.grad_clip_norm and world_size > 1:
+        raise ConfigError("training_config.grad_clip_norm needs the whole gradient in one "
+                          "place; with several processes each holds only its share of the "
+                          "matrix gradients: set it to 0.0 (the speedrun's value) or use one")
+    return RunConfig(model=model, optimizer=OptimizerConfig.from_dict(raw["optimizer_config"]),
+                     training=training, schedule=schedule,
+                     data=build_section(DataConfig, "data_config", raw["data_config"]),
+                     logging=build_section(LoggingConfig, "logging_config",
+                                           raw["logging_config"]),
+                     compile=build_section(CompileConfig, "compile_config",
+                                           raw["compile_config"]),
+                     raw=raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def ensure_data(data_config):
+    """Download FineWeb on first use of the default path; any other empty path is an error."""
+    from data.cached_fineweb10B import (
+        DEFAULT_FINEWEB_DIR,
+        DEFAULT_TRAIN_PATTERN,
+        download_fineweb,
+    )
+    from data.loader import find_shards
+
+    for key in ("train_pattern", "val_pattern"):
+        try:
+            find_shards(repo_path(getattr(data_config, key)))
+        except FileNotFoundError as exc:
+            if repo_path(data_config.train_pattern) == DEFAULT_TRAIN_PATTERN:
+                print(f"no FineWeb shards in {DEFAULT_FINEWEB_DIR}: downloading "
+                      f"{data_config.num_train_shards} train shards and the val shard")
+                try:
+                    download_fineweb(data_config.num_train_shards, DEFAULT_FINEWEB_DIR)
+                except (ImportError, OSError, RuntimeError, ValueError) as download_error:
+                    raise ConfigError(f"FineWeb download failed: {download_error}. Download "
+                                      "by hand (python data/cached_fineweb10B.py 8) or set "
+                                      "DATA_PATH") from download_error
+                return
+            raise ConfigError(f"data_config.{key}: {exc}. Set DATA_PATH to a folder holding "
+                              "*train_*.bin and *val_*.bin shards") from exc
+
+
+def prepare_data(data_config, world, device):
+    """ensure_data on one process per node while the others wait; whether it went well on every
+    node (a failure is printed where it happened)."""
+    from data.shards import ShardError
+
+    ok = True
+    if world.local_rank == 0:
+        try:
+            ensure_data(data_config)
+        except (ConfigError, ShardError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            ok = False
+    return world.all_true(ok, world.torch_device(device.kind))
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def run(config: RunConfig, resume=None, benchmark=False, profile=False, config_path=None,
+        world=None):
+    """Set up the device (and under torchrun the process group), train or benchmark, tear
+    down; returns an exit status."""
+    import utils
+    from distributed import World
+
+    world = world or World()
+    utils.setup_environment(config.compile.cache_dir)
+    try:
+        device = utils.detect_device(config.training.device, world.local_rank)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    world.init(device.kind)
+    try:
+        if not prepare_data(config.data, world, device):
+            return EXIT_USAGE
+        utils.configure_torch(device, config.compile)
+        return train_and_report(config, device, world, resume, benchmark, profile, config_path)
+    finally:
+        world.shutdown()
+
+
+def train_and_report(config, device, world, resume, benchmark, profile, config_path):
+    """Build the manager and run it; failures become a logged message and an exit status."""
+    import torch
+
+    from data.shards import ShardError
+    from records.write import write_record
+    from train import RankLogger, RunLogger, TrainingError, TrainingManager, read_checkpoint
+
+    tc = config.training
+    state = None
+    if resume:  # read first: a resumed run keeps its run id, so its log and record
+        try:
+            state = read_checkpoint(resume, world.torch_device(device.kind))
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            print(f"error: cannot read checkpoint {resume}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    run_id = (state or {}).get("run_id") or str(uuid.uuid4())  # older checkpoints have none
+    run_id = world.broadcast_object(run_id, world.torch_device(device.kind))
+    log_path = Path(repo_path(config.logging.log_dir)) / f"{run_id}.txt"
+    if world.is_main:
+        logger = RunLogger(log_path, config.logging, config.raw, config.schedule.total,
+                           tc.run_name)
+    else:
+        logger = RankLogger(log_path, world.rank)
+    devices = f"{world.world_size} x {device.name}" if world.distributed else device.name
+    logger.print(f"run {run_id} | config {config_path} | device {devices} | log {log_path}")
+    manager = None
+    try:
+        manager = TrainingManager(config, device, logger, world)
+        manager.run_id = run_id
+        if benchmark:
+            import benchmark as bench
+
+            return bench.run_benchmark(manager, profile=profile)
+        if resume:
+            manager.load_checkpoint(resume, state)
+            del state  # the manager holds its own copies; free the checkpoint's GPU tensors
+            logger.print(f"resumed from {resume} at step {manager.step}")
+        if config.compile.enabled:
+            logger.print(f"compile and warm-up: {manager.warmup():.1f}s (not counted)")
+        result = manager.run()
+        reached = result["val_loss"] <= tc.target_val_loss
+        logger.print(f"final val_loss {result['val_loss']:.4f} | train_time "
+                     f"{result['train_time']:.1f}s ({result['train_time'] / 60:.2f} min) | "
+                     f"{result['steps']} steps | target {tc.target_val_loss} "
+                     f"{'reached' if reached else 'not reached'}")
+        if not result["early_stopped"] and world.is_main:
+            record = write_record(config, result, log_path, device, run_id, world)
+            logger.print(f"record attempt written: {record}")
+        return 0
+    except (ShardError, ConfigError, FileNotFoundError) as exc:
+        logger.error(exc)
+        return EXIT_USAGE
+    except TrainingError as exc:
+        logger.error(exc)
+        return 1
+    except torch.cuda.OutOfMemoryError:
+        multiple = tc.batch_size_multiple
+        logger.error(
+            f"CUDA out of memory with micro-batches of {tc.micro_batch_tokens} tokens. Lower "
+            f"BATCH_SIZE_MULTIPLE (now {multiple}; e.g. BATCH_SIZE_MULTIPLE="
+            f"{max(1, multiple // 2)}): the tokens per optimizer step stay the same, only the "
+            "micro-batch shrinks")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if manager is not None:
+            manager.train_loader.close()
+        logger.close()
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -196,7 +407,7 @@ def build_parser():
 
 
 def resolve_config(argv, environ=os.environ):
-    """Parse the command line into (args, config); raises ConfigError on any bad input."""
+    """Parse the command line into (args, config dict); raises ConfigError on any bad input."""
     args, rest = build_parser().parse_known_args(argv)
     config = apply_environment(load_config(args.config), environ)
     for key, value in parse_overrides(rest):
@@ -213,19 +424,17 @@ def resolve_config(argv, environ=os.environ):
 def main(argv=None, environ=os.environ):
     is_main = environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 reports errors
     try:
-        args, config = resolve_config(sys.argv[1:] if argv is None else argv, environ)
-        # heavy imports (torch) only once the command line is known to be good
-        import train
-        from distributed import World
+        args, raw = resolve_config(sys.argv[1:] if argv is None else argv, environ)
+        from distributed import World  # torch, once the command line is known to be good
 
         world = World.from_env(environ)
-        train.validate_config(config, world.world_size)
+        config = build_config(raw, world.world_size)
     except ConfigError as exc:
         if is_main:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return train.run_training(config, resume=args.resume, benchmark=args.benchmark,
-                              profile=args.profile, config_path=args.config, world=world)
+    return run(config, resume=args.resume, benchmark=args.benchmark, profile=args.profile,
+               config_path=args.config, world=world)
 
 
 if __name__ == "__main__":

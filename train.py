@@ -1,147 +1,198 @@
-"""Training: the schedules, the TrainingManager loop, validation, checkpoints, logs and records.
+"""Training: the stage table and what it asks at each step, the TrainingManager loop,
+validation, checkpoints and logs.
 
-``run.py`` hands the loaded config to ``run_training``. Everything the schedule does is a pure
-function of the step (``Schedule``), so a resumed run recomputes the same windows, batch sizes,
-learning rates and momenta as an uninterrupted one.
+The schedule is one table of stages, a row each (as the speedrun's ``TRAINING_STAGES``), and
+``Schedule.at(step)`` answers what holds at a step: tokens, windows, learning rate, momentum,
+whether the embedding is untied, whether a stage begins. It is a pure function of the step,
+so a resumed run recomputes exactly what an uninterrupted one would. ``TrainingManager.apply``
+is the one place where the model and the optimizer are put in that state.
 
 Under torchrun (``distributed.World``) each rank takes its own micro-batches of every step, so
 the tokens per step, and the math, are those of one process; the optimizer averages the
-gradients over the ranks. Rank 0 alone prints, logs, checkpoints and writes records.
+gradients over the ranks. Rank 0 alone prints, logs and checkpoints.
 """
 
-import json
 import math
 import os
-import pickle
-import platform
 import random
-import subprocess
 import sys
 import time
-import uuid
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import utils
-from data.cached_fineweb10B import DEFAULT_FINEWEB_DIR, DEFAULT_TRAIN_PATTERN, download_fineweb
-from data.loader import DataLoader, find_shards, val_batches
-from data.shards import ShardError
+from data.loader import DataLoader, val_batches
 from distributed import World
-from model import GPT, GPTConfig, document_ids
-from optimizers import build_optimizer, validate_optimizer_config
-from utils import REPO_ROOT, ConfigError
-
-SECTIONS = ("model_config", "optimizer_config", "training_config", "data_config",
-            "batch_schedule", "window_schedule", "lr_schedule", "logging_config",
-            "compile_config")
-TRAINING_KEYS = ("device", "seed", "run_name", "num_scheduled_iterations",
-                 "num_extension_iterations", "max_seq_len", "batch_size_multiple", "val_tokens",
-                 "val_loss_every", "target_val_loss", "early_stop_steps", "grad_clip_norm",
-                 "split_frac", "freeze_scalars_steps", "checkpoint_every", "checkpoint_dir",
-                 "save_on_interrupt", "records_dir", "benchmark_steps")
+from layers.masks import document_ids
+from model import GPT, GPTConfig
+from optimizers import build_optimizer
+from utils import ConfigError, build_section, repo_path
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, out of memory); the message says why and where."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Config checks: everything that can be known wrong before a model is built
+@dataclass(frozen=True)
+class TrainingConfig:
+    """``training_config``: the run's device, sizes, validation, checkpoints and records."""
 
+    device: str  # cuda | cpu
+    seed: int
+    run_name: str
+    max_seq_len: int  # longest segment (document head) in a packed micro-batch
+    batch_size_multiple: int  # micro-batch = batch_size_multiple x max_seq_len tokens
+    val_tokens: int
+    val_loss_every: int  # 0: only at the end
+    target_val_loss: float
+    early_stop_steps: int | None  # stop after this many steps, the schedule unchanged
+    grad_clip_norm: float  # 0: off
+    checkpoint_every: int  # 0: off
+    checkpoint_dir: str
+    save_on_interrupt: bool
+    records_dir: str
+    benchmark_steps: int  # timed steps per stage in --benchmark mode
 
-def validate_config(config, world_size=1):
-    """Raise ConfigError naming the first problems found; returns the Schedule."""
-    missing = [s for s in SECTIONS if s not in config]
-    if missing:
-        raise ConfigError(f"config lacks the sections {missing}")
-    tc = config["training_config"]
-    absent = [k for k in TRAINING_KEYS if k not in tc]
-    if absent:
-        raise ConfigError(f"training_config lacks the keys {absent}")
-    try:
-        model_config = GPTConfig.from_dict(config["model_config"])
-        validate_optimizer_config(config["optimizer_config"])
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    if tc["max_seq_len"] % model_config.block_size:
-        raise ConfigError(f"training_config.max_seq_len ({tc['max_seq_len']}) must be a "
-                          f"multiple of model_config.block_size ({model_config.block_size})")
-    if tc["device"] not in ("cuda", "cpu"):
-        raise ConfigError(f"training_config.device must be 'cuda' or 'cpu', not {tc['device']!r}")
-    schedule = Schedule(config, world_size)
-    if tc["val_tokens"] <= 0 or tc["val_tokens"] % schedule.round_tokens:
-        raise ConfigError(f"training_config.val_tokens ({tc['val_tokens']}) must be a positive "
-                          f"multiple of {schedule.describe_round()}")
-    if tc["grad_clip_norm"] and world_size > 1:
-        raise ConfigError("training_config.grad_clip_norm needs the whole gradient in one "
-                          "place; with several processes each holds only its share of the "
-                          "matrix gradients: set it to 0.0 (the speedrun's value) or use one")
-    return schedule
+    def __post_init__(self):
+        if self.device not in ("cuda", "cpu"):
+            raise ConfigError(f"training_config.device must be 'cuda' or 'cpu', not "
+                              f"{self.device!r}")
+
+    @property
+    def micro_batch_tokens(self):
+        return self.batch_size_multiple * self.max_seq_len
 
 
 # ----------------------------------------------------------------------------------------------
-# Schedules
+# The schedule: a table of stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table."""
+
+    tokens: int  # tokens per optimizer step
+    windows: tuple  # (short, long) attention windows, in blocks
+    lr_mul: float  # learning-rate multiplier (larger batches take larger steps)
+    duration: float | None = None  # share of the scheduled iterations; None: the extension
+
+    def __post_init__(self):
+        check_windows("schedule.stages: windows", self.windows)
+
+
+def check_windows(name, windows):
+    if not (isinstance(windows, tuple) and len(windows) == 2
+            and all(isinstance(w, int) and w >= 1 for w in windows)):
+        raise ConfigError(f"{name} must be two positive ints (short, long), got {windows!r}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """``schedule``: the stage table and the curves that run across it."""
+
+    num_scheduled_iterations: int
+    num_extension_iterations: int  # after the stages, at the final lr, the last row's values
+    stages: tuple  # Stage rows; the last has no duration and holds during the extension
+    validation_windows: tuple  # (short, long) for the final validation, without YaRN
+    warmup_steps: int
+    cooldown_frac: float  # linear decay to final_lr_ratio over this last share of the stages
+    final_lr_ratio: float
+    momentum_start: float  # matrix-optimizer momentum: start -> peak -> end
+    momentum_peak: float
+    momentum_end: float
+    momentum_warmup_steps: int
+    momentum_cooldown_steps: int
+    split_frac: float  # untie the embedding from the lm_head at this share of the stages
+    freeze_scalars_steps: int  # the scalar Adam holds still this long when a stage begins
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ScheduleConfig":
+        config = build_section(cls, "schedule", values)
+        rows = config.stages if isinstance(config.stages, tuple) else ()
+        stages = tuple(build_section(Stage, f"schedule.stages[{i}]", row)
+                       for i, row in enumerate(rows))
+        return cls(**{**vars(config), "stages": stages})
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the schedule asks at one step."""
+
+    step: int
+    stage: int  # row of the stage table
+    tokens: int
+    accumulation: int  # micro-batches per process
+    windows: tuple  # (short, long) in blocks
+    lr_factor: float  # times each group's lr
+    momentum: float  # of the matrix optimizer
+    untied: bool  # the embedding trains apart from the lm_head from this step on
+    transition: bool  # a stage with other tokens or windows begins: the scalars freeze
 
 
 class Schedule:
-    """Batch size, windows, learning rate, momentum and untying as functions of the step.
+    """The stage table over the steps: ``at(step)`` is what holds at ``step``.
 
-    Steps 0 .. num_scheduled_iterations-1 follow the stages; the extension iterations after them
-    run at the final learning rate with the extension window. The tokens of a step are those of
-    the config whatever the world size: each of ``world_size`` processes accumulates its share.
+    Steps 0 .. num_scheduled_iterations-1 go through the rows with durations, each taking its
+    share of them; the extension iterations after them run the last row at the final lr. The
+    tokens of a step are those of the config whatever the world size: each of ``world_size``
+    processes accumulates its share in micro-batches of ``multiple`` x ``seq`` tokens.
     """
 
-    def __init__(self, config, world_size=1):
-        tc = config["training_config"]
-        self.scheduled = tc["num_scheduled_iterations"]
-        self.total = self.scheduled + tc["num_extension_iterations"]
-        self.multiple, self.seq = tc["batch_size_multiple"], tc["max_seq_len"]
-        self.micro_batch_tokens = self.multiple * self.seq
-        self.world_size = world_size
-        self.round_tokens = self.micro_batch_tokens * world_size  # one micro-batch per process
-        bs, ws, lr = config["batch_schedule"], config["window_schedule"], config["lr_schedule"]
-        self.batch_starts = self._starts("batch_schedule", bs["fractions"])
-        self.batch_tokens = list(bs["tokens"])
-        self.batch_lr_mul = list(bs["lr_mul"])
-        self.window_starts = self._starts("window_schedule", ws["fractions"])
-        self.long_windows = list(ws["long"])
-        self.extension_long = ws["extension_long"]
-        self.validation_long = ws["validation_long"]
-        self.short_divisor = ws["short_divisor"]
-        self.lr = lr
-        self.untie_step = round(tc["split_frac"] * self.scheduled)
-        self._check(bs, ws, lr)
+    def __init__(self, config: ScheduleConfig, multiple: int, seq: int, world_size: int = 1):
+        self.config = config
+        self.scheduled = config.num_scheduled_iterations
+        self.total = self.scheduled + config.num_extension_iterations
+        self.multiple, self.seq, self.world_size = multiple, seq, world_size
+        self.micro_batch_tokens = multiple * seq
+        self.round_tokens = self.micro_batch_tokens * world_size  # a micro-batch per process
+        self.stages_table = config.stages
+        self.untie_step = round(config.split_frac * self.scheduled)
+        self.validation_windows = config.validation_windows
+        self._check()
+        ends, total = [], 0.0
+        for stage in self.stages_table[:-1]:
+            total += stage.duration
+            ends.append(round(total * self.scheduled))
+        # first step of each row; the extension row starts after the scheduled iterations
+        self.starts = [0, *ends[:-1], self.scheduled]
+        if any(b <= a for a, b in zip(self.starts[:-1], self.starts[1:], strict=True)):
+            raise ConfigError(f"schedule: a stage gets no steps of the "
+                              f"{self.scheduled} scheduled iterations (stage starts "
+                              f"{self.starts[:-1]}): raise num_scheduled_iterations or "
+                              f"lengthen the stage")
 
-    def _starts(self, name, fractions):
-        starts = [round(f * self.scheduled) for f in fractions]
-        if not starts or starts[0] != 0 or starts != sorted(set(starts)):
-            raise ConfigError(f"{name}.fractions must start at 0 and increase: {fractions}")
-        return starts
-
-    def _check(self, bs, ws, lr):
-        if self.scheduled < 1 or self.total < self.scheduled:
-            raise ConfigError("num_scheduled_iterations must be >= 1 and extensions >= 0")
-        if not len(self.batch_tokens) == len(self.batch_lr_mul) == len(self.batch_starts):
-            raise ConfigError("batch_schedule: fractions, tokens and lr_mul need equal lengths")
-        for tokens in self.batch_tokens:
-            if tokens % self.round_tokens:
-                raise ConfigError(f"batch_schedule.tokens {tokens} is not a multiple of "
+    def _check(self):
+        c = self.config
+        if self.scheduled < 1 or c.num_extension_iterations < 0:
+            raise ConfigError("schedule: num_scheduled_iterations must be >= 1 and "
+                              "num_extension_iterations >= 0")
+        if not self.stages_table:
+            raise ConfigError("schedule.stages must be a tuple of stage rows (dicts)")
+        *rows, extension = self.stages_table
+        if not rows or any(s.duration is None or s.duration <= 0 for s in rows):
+            raise ConfigError("schedule.stages: every row but the last needs a positive "
+                              "duration (its share of the scheduled iterations)")
+        if extension.duration is not None:
+            raise ConfigError("schedule.stages: the last row is the extension and takes no "
+                              "duration")
+        if abs(sum(s.duration for s in rows) - 1) > 1e-9:
+            raise ConfigError(f"schedule.stages: the durations sum to "
+                              f"{sum(s.duration for s in rows)}, not 1")
+        for stage in self.stages_table:
+            if stage.tokens <= 0 or stage.tokens % self.round_tokens:
+                raise ConfigError(f"schedule.stages: tokens {stage.tokens} is not a multiple of "
                                   f"{self.describe_round()}; {self._batch_fix()}")
-        if len(self.long_windows) != len(self.window_starts):
-            raise ConfigError("window_schedule: fractions and long need equal lengths")
-        windows = self.long_windows + [self.extension_long, self.validation_long]
-        if any(not isinstance(w, int) or w < 1 for w in windows) or self.short_divisor < 1:
-            raise ConfigError(f"window_schedule: windows must be positive ints: {windows}")
-        if not 0 <= lr["cooldown_frac"] <= 1 or lr["warmup_steps"] < 0:
-            raise ConfigError("lr_schedule: cooldown_frac in [0, 1], warmup_steps >= 0")
+        check_windows("schedule.validation_windows", c.validation_windows)
+        if not 0 <= c.cooldown_frac <= 1 or c.warmup_steps < 0:
+            raise ConfigError("schedule: cooldown_frac in [0, 1], warmup_steps >= 0")
 
     def _batch_fix(self):
         """The largest smaller BATCH_SIZE_MULTIPLE that divides every stage, if any."""
         for multiple in range(self.multiple - 1, 0, -1):
-            if not any(t % (multiple * self.seq * self.world_size) for t in self.batch_tokens):
+            if not any(s.tokens % (multiple * self.seq * self.world_size)
+                       for s in self.stages_table):
                 return f"lower BATCH_SIZE_MULTIPLE (e.g. BATCH_SIZE_MULTIPLE={multiple})"
         processes = " or the number of processes" if self.world_size > 1 else ""
         return f"no BATCH_SIZE_MULTIPLE fits: change the schedule{processes}"
@@ -152,89 +203,81 @@ class Schedule:
             text += f", x {self.world_size} processes = {self.round_tokens}"
         return text + " tokens)"
 
-    @staticmethod
-    def _stage(starts, step):
-        return sum(1 for s in starts if s <= step) - 1
+    def stage_of(self, step):
+        return sum(1 for s in self.starts if s <= step) - 1
 
-    def batch_stage(self, step):
-        return self._stage(self.batch_starts, min(step, self.scheduled - 1))
+    def at(self, step) -> StepPlan:
+        index = self.stage_of(step)
+        stage = self.stages_table[index]
+        before = self.stages_table[index - 1] if index else stage
+        transition = (step == self.starts[index] and index > 0
+                      and (stage.tokens, stage.windows) != (before.tokens, before.windows))
+        return StepPlan(step=step, stage=index, tokens=stage.tokens,
+                        accumulation=stage.tokens // self.round_tokens, windows=stage.windows,
+                        lr_factor=self._lr_shape(step) * stage.lr_mul,
+                        momentum=self._momentum(step), untied=step >= self.untie_step,
+                        transition=transition)
 
-    def tokens(self, step):
-        return self.batch_tokens[self.batch_stage(step)]
-
-    def accumulation_steps(self, step):
-        """Micro-batches per process in the step."""
-        return self.tokens(step) // self.round_tokens
-
-    def windows(self, step):
-        """(short, long) window in blocks; short = long // short_divisor."""
-        if step >= self.scheduled:
-            long = self.extension_long
-        else:
-            long = self.long_windows[self._stage(self.window_starts, step)]
-        return max(1, long // self.short_divisor), long
-
-    def validation_windows(self):
-        return max(1, self.validation_long // self.short_divisor), self.validation_long
-
-    def lr_factor(self, step):
-        """Warm-up, flat, then linear cooldown to final_lr_ratio; times the stage's lr_mul."""
-        lr = self.lr
+    def _lr_shape(self, step):
+        """Warm-up, flat, then linear cooldown to final_lr_ratio; flat again in the extension."""
+        c = self.config
         progress = min(step, self.scheduled) / self.scheduled
-        if step < lr["warmup_steps"]:
-            factor = (step + 1) / lr["warmup_steps"]
-        elif progress < 1 - lr["cooldown_frac"]:
-            factor = 1.0
-        else:
-            ramp = (progress - (1 - lr["cooldown_frac"])) / max(lr["cooldown_frac"], 1e-12)
-            factor = 1.0 + min(ramp, 1.0) * (lr["final_lr_ratio"] - 1.0)
-        return factor * self.batch_lr_mul[self.batch_stage(step)]
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if progress < 1 - c.cooldown_frac:
+            return 1.0
+        ramp = (progress - (1 - c.cooldown_frac)) / max(c.cooldown_frac, 1e-12)
+        return 1.0 + min(ramp, 1.0) * (c.final_lr_ratio - 1.0)
 
-    def momentum(self, step):
+    def _momentum(self, step):
         """Matrix-optimizer momentum: warm up, hold, cool down over the last steps."""
-        lr = self.lr
-        warm, cool = lr["momentum_warmup_steps"], lr["momentum_cooldown_steps"]
+        c = self.config
+        warm, cool = c.momentum_warmup_steps, c.momentum_cooldown_steps
         if step < warm:
-            return lr["momentum_start"] + (lr["momentum_peak"] - lr["momentum_start"]) * step / warm
+            return c.momentum_start + (c.momentum_peak - c.momentum_start) * step / warm
         left = self.total - step
         if left < cool:
-            return lr["momentum_end"] + (lr["momentum_peak"] - lr["momentum_end"]) * left / cool
-        return lr["momentum_peak"]
+            return c.momentum_end + (c.momentum_peak - c.momentum_end) * left / cool
+        return c.momentum_peak
 
-    def is_transition(self, step):
-        """A step whose batch size or window differs from the step before."""
-        if step == 0:
-            return False
-        return (self.tokens(step) != self.tokens(step - 1)
-                or self.windows(step) != self.windows(step - 1))
-
-    def stages(self):
-        """(first step, last step) of each distinct (batch size, window) stretch of the run."""
-        bounds = [s for s in range(self.total) if s == 0 or self.is_transition(s)]
-        return list(zip(bounds, bounds[1:] + [self.total], strict=True))
+    def spans(self):
+        """(first step, end) of each stage that has steps, the extension included."""
+        bounds = [*self.starts, self.total]
+        return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 # ----------------------------------------------------------------------------------------------
 # Logging
 
 
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``logging_config``."""
+
+    log_dir: str
+    progress_bar: bool  # tqdm when stdout is a terminal
+    wandb: bool  # online when logged in, offline otherwise; WANDB_MODE=disabled turns it off
+    wandb_project: str
+
+
 class RunLogger:
     """Prints to stdout (under a tqdm bar on a terminal), always to a text file, and to W&B
     when it is installed and enabled."""
 
-    def __init__(self, path, logging_config, config, total_steps, run_name):
+    def __init__(self, path, logging_config: LoggingConfig, raw_config: dict, total_steps: int,
+                 run_name: str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a", buffering=1)
         self.bar = None
-        if logging_config["progress_bar"] and sys.stdout.isatty():
+        if logging_config.progress_bar and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, dynamic_ncols=True, leave=False)
-        self.wandb = self._start_wandb(logging_config, config, run_name)
+        self.wandb = self._start_wandb(logging_config, raw_config, run_name)
 
-    def _start_wandb(self, logging_config, config, run_name):
-        if not logging_config["wandb"] or os.environ.get("WANDB_MODE") == "disabled":
+    def _start_wandb(self, logging_config, raw_config, run_name):
+        if not logging_config.wandb or os.environ.get("WANDB_MODE") == "disabled":
             return None
         try:
             import wandb
@@ -245,8 +288,8 @@ class RunLogger:
         mode = os.environ.get("WANDB_MODE")
         if mode is None:
             mode = "online" if wandb.api.api_key else "offline"
-        return wandb.init(project=logging_config["wandb_project"], name=run_name, config=config,
-                          mode=mode, dir=str(self.path.parent))
+        return wandb.init(project=logging_config.wandb_project, name=run_name,
+                          config=raw_config, mode=mode, dir=str(self.path.parent))
 
     def print(self, message):
         if self.bar is not None:
@@ -327,7 +370,8 @@ def seed_everything(seed):
 
 
 class TrainingManager:
-    """Owns the model, optimizers, data and schedule; ``run`` trains to the end or early stop.
+    """Owns the model, optimizers, data and schedule of a run (``run.RunConfig``); ``run``
+    trains to the end or the early stop.
 
     With several ranks (``world``), every rank builds one; they stay in step through the
     collectives of the optimizer, the loss and validation.
@@ -335,85 +379,86 @@ class TrainingManager:
 
     def __init__(self, config, device, logger=None, world=None):
         self.config = config
-        self.tc = config["training_config"]
+        self.tc: TrainingConfig = config.training
+        self.schedule: Schedule = config.schedule
         self.device = device
         self.world = world or World()
-        self.schedule = Schedule(config, self.world.world_size)
         self.logger = logger
-        seed_everything(self.tc["seed"])
+        seed_everything(self.tc.seed)
         torch_device = self.world.torch_device(device.kind)
-        self.model = GPT(config["model_config"]).to(torch_device)
+        self.model = GPT(config.model).to(torch_device)
         # Every rank seeds alike; rank 0's weights make sure that they all start the same.
         self.world.broadcast_tensors([p.detach() for p in self.model.parameters()])
-        self.optimizer = build_optimizer(self.model, config["optimizer_config"], self.world)
-        compile_config = config["compile_config"]
+        self.optimizer = build_optimizer(self.model, config.optimizer, self.world)
         self.compiled = (torch.compile(self.model, dynamic=False, fullgraph=True)
-                         if compile_config["enabled"] else self.model)
-        dc, seq = config["data_config"], self.tc["max_seq_len"]
-        micro = self.schedule.micro_batch_tokens
+                         if config.compile.enabled else self.model)
+        dc, seq, micro = config.data, self.tc.max_seq_len, self.tc.micro_batch_tokens
         ranks = dict(rank=self.world.rank, world_size=self.world.world_size)
-        self.train_loader = DataLoader(repo_path(dc["train_pattern"]), micro, seq,
-                                       device=torch_device, prefetch=dc["prefetch"], **ranks)
-        self.val_batches = val_batches(repo_path(dc["val_pattern"]), self.tc["val_tokens"], micro,
+        self.train_loader = DataLoader(repo_path(dc.train_pattern), micro, seq,
+                                       device=torch_device, prefetch=dc.prefetch, **ranks)
+        self.val_batches = val_batches(repo_path(dc.val_pattern), self.tc.val_tokens, micro,
                                        seq, device=torch_device, allow_fewer=True, **ranks)
         self.val_tokens = len(self.val_batches) * self.schedule.round_tokens
-        if self.val_tokens < self.tc["val_tokens"] and logger is not None:
+        if self.val_tokens < self.tc.val_tokens and logger is not None:
             logger.print(f"note: the val shards fill only {self.val_tokens:,} tokens of "
-                         f"micro-batches, fewer than val_tokens={self.tc['val_tokens']:,}: "
+                         f"micro-batches, fewer than val_tokens={self.tc.val_tokens:,}: "
                          "validating on those")
-        self.windows = None  # (short, long) last set on the model
         self._flops = {}  # flops_per_token by windows, for MFU
         self.run_id = None  # kept in checkpoints: a resumed run appends to the same log
         self.step = 0  # optimizer steps completed
         self.train_time = 0.0  # seconds of training, validation and compile excluded
         self.history = []  # (step, train time, val loss)
 
-    # -- schedule ---------------------------------------------------------------------------
+    # -- the schedule -------------------------------------------------------------------------
 
-    def apply_schedule(self, step):
-        """Put the model and optimizer in the state the schedule asks for at ``step``."""
-        windows = self.schedule.windows(step)
-        if windows != self.windows:  # a Python mirror: reading the model's buffer would sync
-            self.model.set_windows(*windows)
-            self.windows = windows
-        if step >= self.schedule.untie_step and self.model.tied:
-            self.optimizer.copy_state(self.model.untie(), self.model.lm_head)
-        if self.schedule.is_transition(step):
-            self.optimizer.freeze_scalars(self.tc["freeze_scalars_steps"])
-        self.optimizer.set_lr_factor(self.schedule.lr_factor(step))
-        self.optimizer.set_momentum(self.schedule.momentum(step))
+    def apply(self, plan: StepPlan):
+        """Put the model and the optimizer in the state the schedule asks for at a step: the
+        windows (with YaRN), the untie, the scalar freeze, the lr factor and the momentum."""
+        self.model.yarn.set_windows(plan.windows)
+        if plan.untied and self.model.tie.tied:
+            self.model.tie.untie(self.optimizer)
+        if plan.transition:
+            self.optimizer.freeze_scalars(self.schedule.config.freeze_scalars_steps)
+        self.optimizer.set_lr_factor(plan.lr_factor)
+        self.optimizer.set_momentum(plan.momentum)
 
     # -- one step -----------------------------------------------------------------------------
 
     def train_step(self):
-        """One optimizer step over the scheduled batch: gradient accumulation over fixed-size
-        micro-batches, each loss divided by their number so the gradient is the mean over the
-        whole batch whatever the split (the optimizer averages it over the ranks). Returns the
-        mean loss over all ranks as a device tensor."""
-        step = self.step
-        self.apply_schedule(step)
-        accumulation = self.schedule.accumulation_steps(step)
+        """One optimizer step of the schedule; returns the mean loss over all ranks as a
+        device tensor."""
+        plan = self.schedule.at(self.step)
+        self.apply(plan)
+        loss = self.accumulate(plan)
+        self.optimizer_step()
+        self.step += 1
+        return self.world.all_reduce_mean(loss)
+
+    def accumulate(self, plan: StepPlan):
+        """Gradients of the step's batch by accumulation over fixed-size micro-batches, each
+        loss divided by their number so the gradient is the mean over the whole batch whatever
+        the split (the optimizer averages it over the ranks). Returns this rank's mean loss."""
         total = torch.zeros((), device=self.model.lm_head.device)
-        for _ in range(accumulation):
+        for _ in range(plan.accumulation):
             inputs, targets = self.train_loader.next_batch()
             loss = self.compiled(inputs, targets, document_ids(inputs))
-            (loss / accumulation).backward()
+            (loss / plan.accumulation).backward()
             total += loss.detach()
-        self.model.fold_tied_grad()
-        if self.tc["grad_clip_norm"]:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc["grad_clip_norm"])
+        return total / plan.accumulation
+
+    def optimizer_step(self):
+        self.model.tie.fold_grad()
+        if self.tc.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip_norm)
         self.optimizer.step()
-        self.model.sync_tied_weights()
+        self.model.tie.sync()
         self.optimizer.zero_grad()
-        self.step += 1
-        return self.world.all_reduce_mean(total / accumulation)
 
     def validate(self):
         """The mean loss over the val batches; each rank has as many, its share of them.
 
         Compiled, it runs the training graph (grad mode on, no backward pass): a graph for
-        no_grad would be a second compile, ~45 s of a cold start on the H100, for a pass that
-        the train time does not count."""
+        no_grad would be a second compile, for a pass that the train time does not count."""
         with torch.set_grad_enabled(self.compiled is not self.model):
             losses = [self.compiled(inputs, targets, document_ids(inputs)).detach()
                       for inputs, targets in self.val_batches]
@@ -427,18 +472,19 @@ class TrainingManager:
         weights, optimizer, data position and RNG: the timed run starts from exactly the state
         it would have had without warm-up. Returns seconds spent."""
         start = time.perf_counter()
-        model_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        model_state = {k: v.clone() if torch.is_tensor(v) else v
+                       for k, v in self.model.state_dict().items()}
         optimizer_state = self.optimizer.state_dict()
         loader_state = self.train_loader.state_dict()
         rng = rng_state()
-        step, windows = self.step, self.windows
+        step = self.step
         self.step = 0
         self.train_step()
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
         self.train_loader.load_state_dict(loader_state)
         set_rng_state(rng)
-        self.step, self.windows = step, windows
+        self.step = step
         synchronize(self.device)
         return time.perf_counter() - start
 
@@ -446,11 +492,10 @@ class TrainingManager:
 
     def checkpoint_state(self):
         return {"step": self.step, "run_id": self.run_id, "train_time": self.train_time,
-                "history": self.history,
-                "tied": self.model.tied, "model": self.model.state_dict(),
+                "history": self.history, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "loader": self.train_loader.state_dict(), "rng": rng_state(),
-                "config": self.config}
+                "config": self.config.raw}
 
     def save_checkpoint(self, path):
         """Write atomically: a crash mid-write leaves the previous checkpoint intact.
@@ -472,26 +517,26 @@ class TrainingManager:
         """Resume from the checkpoint at ``path`` (``state``: its contents, if already read)."""
         if state is None:
             state = read_checkpoint(path, self.model.lm_head.device)
-        if state["config"]["model_config"] != self.config["model_config"]:
+        saved = build_section(GPTConfig, f"checkpoint {path}: model_config",
+                              state["config"]["model_config"])
+        if saved != self.config.model:
             raise ConfigError(f"checkpoint {path} was written for a different model_config")
-        if "embed" not in state["model"]:
-            raise ConfigError(f"checkpoint {path} comes from a version of the trainer that "
-                              "stored a tied embedding once; resume it with that version (git "
-                              "log) or start the run again")
-        if not state["tied"]:
-            self.model.untie()
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ConfigError(f"checkpoint {path} comes from another version of the trainer "
+                              f"({str(exc).splitlines()[0]}); resume it with that version "
+                              "(git log) or start the run again") from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step, self.train_time = state["step"], state["train_time"]
         self.run_id = state.get("run_id", self.run_id)
-        self.windows = tuple(self.model.windows.tolist())
         self.history = state["history"]
 
     def checkpoint_path(self):
-        name = f"{self.tc['run_name']}_step{self.step:06d}.pt"
-        return Path(repo_path(self.tc["checkpoint_dir"])) / name
+        name = f"{self.tc.run_name}_step{self.step:06d}.pt"
+        return Path(repo_path(self.tc.checkpoint_dir)) / name
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -499,9 +544,9 @@ class TrainingManager:
         """Train until the schedule ends or early_stop_steps; returns the result dict."""
         log = self.logger.print
         stop = self.schedule.total
-        if self.tc["early_stop_steps"] is not None:
-            stop = min(stop, self.tc["early_stop_steps"])
-        every = self.tc["val_loss_every"]
+        if self.tc.early_stop_steps is not None:
+            stop = min(stop, self.tc.early_stop_steps)
+        every = self.tc.val_loss_every
         synchronize(self.device)
         started = time.perf_counter()
         try:
@@ -515,7 +560,7 @@ class TrainingManager:
                     raise TrainingError(f"loss is {loss} at step {self.step}: training stopped "
                                         f"(log kept at {self.logger.path})")
                 self.log_step(loss, step_time)
-                if self.tc["checkpoint_every"] and self.step % self.tc["checkpoint_every"] == 0:
+                if self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0:
                     log(f"checkpoint written: {self.save_checkpoint(self.checkpoint_path())}")
                 if every and self.step % every == 0 and self.step < stop:
                     self.log_validation(self.validate())
@@ -524,40 +569,49 @@ class TrainingManager:
                 # Ranks are interrupted at different points: a collective now could hang.
                 log(f"interrupted after step {self.step}; with several processes no checkpoint "
                     "is written on interrupt (use --checkpoint_every)")
-            elif self.tc["save_on_interrupt"]:
+            elif self.tc.save_on_interrupt:
                 path = self.save_checkpoint(self.checkpoint_path())
                 log(f"interrupted after step {self.step}; checkpoint saved to {path}; "
                     f"continue with --resume {path}")
             else:
                 log(f"interrupted after step {self.step} (save_on_interrupt is off)")
             raise
-        self.windows = self.schedule.validation_windows()
-        self.model.set_windows(*self.windows, yarn=False)
+        self.model.yarn.set_windows(self.schedule.validation_windows, yarn=False)
         val_loss = self.validate()
         self.log_validation(val_loss)
         wall = time.perf_counter() - started
         return {"val_loss": val_loss, "train_time": self.train_time, "steps": self.step,
-                "tokens": sum(self.schedule.tokens(s) for s in range(self.step)),
+                "tokens": sum(self.schedule.at(s).tokens for s in range(self.step)),
                 "wall_time": wall, "early_stopped": self.step < self.schedule.total}
 
     def log_step(self, loss, step_time):
-        step = self.step - 1
-        tokens = self.schedule.tokens(step)
+        plan = self.schedule.at(self.step - 1)
         message = (f"step {self.step}/{self.schedule.total} loss {loss:.4f} "
-                   f"lr {self.schedule.lr_factor(step):.3f} tok/s {tokens / step_time:,.0f} "
+                   f"lr {plan.lr_factor:.3f} tok/s {plan.tokens / step_time:,.0f} "
                    f"step {step_time * 1000:.0f}ms time {self.train_time:.1f}s")
-        metrics = {"train/loss": loss, "train/lr_factor": self.schedule.lr_factor(step),
-                   "train/tokens_per_s": tokens / step_time, "train/step_ms": step_time * 1000}
-        peak = self.device.peak_tflops
-        if peak:
-            if self.windows not in self._flops:
-                self._flops[self.windows] = self.model.flops_per_token(
-                    self.schedule.micro_batch_tokens, self.windows)
-            flops = self._flops[self.windows] * tokens
-            mfu = flops / step_time / (peak * 1e12 * self.world.world_size)  # per GPU
+        metrics = {"train/loss": loss, "train/lr_factor": plan.lr_factor,
+                   "train/tokens_per_s": plan.tokens / step_time,
+                   "train/step_ms": step_time * 1000}
+        mfu = self.mfu(plan, step_time)
+        if mfu is not None:
             message += f" mfu {mfu:.1%}"
             metrics["train/mfu"] = mfu
         self.logger.step(self.step, message, metrics)
+
+    def flops_per_step(self, plan: StepPlan):
+        """Training FLOPs of a step of ``plan``."""
+        if plan.windows not in self._flops:
+            self._flops[plan.windows] = self.model.flops_per_token(
+                self.schedule.micro_batch_tokens, plan.windows)
+        return self._flops[plan.windows] * plan.tokens
+
+    def mfu(self, plan: StepPlan, seconds: float):
+        """Model FLOPs utilisation per GPU of a step that took ``seconds``; None where the
+        device's peak is unknown."""
+        peak = self.device.peak_tflops
+        if not peak:
+            return None
+        return self.flops_per_step(plan) / seconds / (peak * 1e12 * self.world.world_size)
 
     def log_validation(self, val_loss):
         self.history.append((self.step, self.train_time, val_loss))
@@ -575,192 +629,3 @@ def read_checkpoint(path, device):
 def synchronize(device):
     if device.kind == "cuda":
         torch.cuda.synchronize()
-
-
-# ----------------------------------------------------------------------------------------------
-# Data preparation, records and the entry point
-
-
-def repo_path(path):
-    """Relative paths in a config are relative to the repository root."""
-    path = Path(path).expanduser()
-    return str(path if path.is_absolute() else REPO_ROOT / path)
-
-
-def ensure_data(dc):
-    """Download FineWeb on first use of the default path; any other empty path is an error."""
-    for key in ("train_pattern", "val_pattern"):
-        try:
-            find_shards(repo_path(dc[key]))
-        except FileNotFoundError as exc:
-            if repo_path(dc["train_pattern"]) == DEFAULT_TRAIN_PATTERN:
-                print(f"no FineWeb shards in {DEFAULT_FINEWEB_DIR}: downloading "
-                      f"{dc['num_train_shards']} train shards and the val shard")
-                try:
-                    download_fineweb(dc["num_train_shards"], DEFAULT_FINEWEB_DIR)
-                except (ImportError, OSError, RuntimeError, ValueError) as download_error:
-                    raise ConfigError(f"FineWeb download failed: {download_error}. Download "
-                                      "by hand (python data/cached_fineweb10B.py 8) or set "
-                                      "DATA_PATH") from download_error
-                return
-            raise ConfigError(f"data_config.{key}: {exc}. Set DATA_PATH to a folder holding "
-                              "*train_*.bin and *val_*.bin shards") from exc
-
-
-def git_commit():
-    """HEAD's hash, with "-dirty" when tracked files differ from it (the record's .txt then
-    holds the sources that actually ran); None outside a git checkout."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-
-    try:
-        head = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}-dirty" if head and dirty else head or None
-
-
-def environment_report(device, world):
-    lines = [f"python {platform.python_version()}", f"torch {torch.__version__}",
-             f"world size {world.world_size} ({world.world_size} x {device.name})"]
-    try:
-        import triton
-
-        lines.append(f"triton {triton.__version__}")
-    except ImportError:
-        lines.append("triton not installed")
-    lines.append(f"cuda {torch.version.cuda}")
-    lines.append(f"device {device.name}")
-    try:
-        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20)
-        lines.append(smi.stdout)
-    except (OSError, subprocess.SubprocessError):
-        lines.append("nvidia-smi not available")
-    return "\n".join(lines)
-
-
-def write_record(config, result, log_path, device, run_id, world):
-    """records/<date>_<run_name>/<uuid>.txt (code, config, environment, log) and .json."""
-    date = datetime.now().strftime("%Y-%m-%d")
-    tc = config["training_config"]
-    folder = Path(repo_path(tc["records_dir"])) / f"{date}_{tc['run_name']}"
-    folder.mkdir(parents=True, exist_ok=True)
-    sources = sorted(p for p in REPO_ROOT.rglob("*.py")
-                     if not any(part.startswith(".") for part in p.relative_to(REPO_ROOT).parts)
-                     and "tests" not in p.relative_to(REPO_ROOT).parts)
-    parts = []
-    for source in sources:
-        parts.append(f"==== {source.relative_to(REPO_ROOT)} ====\n{source.read_text()}")
-    parts.append(f"==== resolved config ====\n{json.dumps(config, indent=1, default=str)}")
-    parts.append(f"==== environment ====\n{environment_report(device, world)}")
-    parts.append(f"==== log ====\n{Path(log_path).read_text()}")
-    (folder / f"{run_id}.txt").write_text("\n\n".join(parts))
-    figures = dict(result, seed=tc["seed"], git_commit=git_commit(), gpu=device.name,
-                   world_size=world.world_size,
-                   gpu_count=world.world_size if device.kind == "cuda" else 0,
-                   torch=torch.__version__, run_id=run_id, date=date,
-                   target_val_loss=tc["target_val_loss"], config_name=tc["run_name"])
-    (folder / f"{run_id}.json").write_text(json.dumps(figures, indent=1))
-    return folder / f"{run_id}.json"
-
-
-def prepare_data(data_config, world, device):
-    """ensure_data on one process per node while the others wait; whether it went well on every
-    node (a failure is printed where it happened)."""
-    ok = True
-    if world.local_rank == 0:
-        try:
-            ensure_data(data_config)
-        except (ConfigError, ShardError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            ok = False
-    return world.all_true(ok, world.torch_device(device.kind))
-
-
-def run_training(config, resume=None, benchmark=False, profile=False, config_path=None,
-                 world=None):
-    """Set up the device (and under torchrun the process group), train or benchmark, tear
-    down; returns an exit status."""
-    world = world or World()
-    utils.setup_environment(config["compile_config"]["cache_dir"])
-    try:
-        device = utils.detect_device(config["training_config"]["device"], world.local_rank)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    world.init(device.kind)
-    try:
-        if not prepare_data(config["data_config"], world, device):
-            return 2
-        utils.configure_torch(device, config["compile_config"])
-        return train_and_report(config, device, world, resume, benchmark, profile, config_path)
-    finally:
-        world.shutdown()
-
-
-def train_and_report(config, device, world, resume, benchmark, profile, config_path):
-    """Build the manager and run it; failures become a logged message and an exit status."""
-    tc, lc = config["training_config"], config["logging_config"]
-    state = None
-    if resume:  # read first: a resumed run keeps its run id, so its log and record
-        try:
-            state = read_checkpoint(resume, world.torch_device(device.kind))
-        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
-            print(f"error: cannot read checkpoint {resume}: {exc}", file=sys.stderr)
-            return 2
-    run_id = (state or {}).get("run_id") or str(uuid.uuid4())  # older checkpoints have none
-    run_id = world.broadcast_object(run_id, world.torch_device(device.kind))
-    log_path = Path(repo_path(lc["log_dir"])) / f"{run_id}.txt"
-    if world.is_main:
-        logger = RunLogger(log_path, lc, config, Schedule(config).total, tc["run_name"])
-    else:
-        logger = RankLogger(log_path, world.rank)
-    devices = f"{world.world_size} x {device.name}" if world.distributed else device.name
-    logger.print(f"run {run_id} | config {config_path} | device {devices} | log {log_path}")
-    manager = None
-    try:
-        manager = TrainingManager(config, device, logger, world)
-        manager.run_id = run_id
-        if benchmark:
-            import benchmark as bench
-
-            return bench.run_benchmark(manager, profile=profile)
-        if resume:
-            manager.load_checkpoint(resume, state)
-            del state  # the manager holds its own copies; free the checkpoint's GPU tensors
-            logger.print(f"resumed from {resume} at step {manager.step}")
-        if config["compile_config"]["enabled"]:
-            logger.print(f"compile and warm-up: {manager.warmup():.1f}s (not counted)")
-        result = manager.run()
-        reached = result["val_loss"] <= tc["target_val_loss"]
-        logger.print(f"final val_loss {result['val_loss']:.4f} | train_time "
-                     f"{result['train_time']:.1f}s ({result['train_time'] / 60:.2f} min) | "
-                     f"{result['steps']} steps | target {tc['target_val_loss']} "
-                     f"{'reached' if reached else 'not reached'}")
-        if not result["early_stopped"] and world.is_main:
-            record = write_record(config, result, log_path, device, run_id, world)
-            logger.print(f"record attempt written: {record}")
-        return 0
-    except (ShardError, ConfigError, FileNotFoundError) as exc:
-        logger.error(exc)
-        return 2
-    except TrainingError as exc:
-        logger.error(exc)
-        return 1
-    except torch.cuda.OutOfMemoryError:
-        micro = manager.schedule.micro_batch_tokens if manager else "?"
-        multiple = tc["batch_size_multiple"]
-        logger.error(
-            f"CUDA out of memory with micro-batches of {micro} tokens. Lower "
-            f"BATCH_SIZE_MULTIPLE (now {multiple}; e.g. BATCH_SIZE_MULTIPLE="
-            f"{max(1, multiple // 2)}): the tokens per optimizer step stay the same, only the "
-            "micro-batch shrinks")
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if manager is not None:
-            manager.train_loader.close()
-        logger.close()

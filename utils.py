@@ -1,12 +1,14 @@
-"""Device detection and the settings that must be in place before torch compiles anything.
+"""Config sections, device detection, and the settings torch needs before it compiles.
 
-Order matters: ``setup_environment`` sets environment variables that torch, inductor and Triton
-read once at import or first use (allocator, cache folders), so run.py calls it before training
-imports the model. ``configure_torch`` then sets the in-process flags.
+``build_section`` turns one section of a config (a dict) into its typed, checked dataclass;
+each section's dataclass lives beside the code that uses it. ``setup_environment`` sets the
+variables that the CUDA allocator, inductor and Triton read at their first use (allocator,
+cache folders), so run.py calls it before the first CUDA tensor or compile;
+``configure_torch`` then sets the in-process flags.
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -14,6 +16,33 @@ REPO_ROOT = Path(__file__).resolve().parent
 
 class ConfigError(Exception):
     """A problem with the config or the command line; run.py prints it and exits with status 2."""
+
+
+def repo_path(path) -> str:
+    """Relative paths in a config are relative to the repository root."""
+    path = Path(path).expanduser()
+    return str(path if path.is_absolute() else REPO_ROOT / path)
+
+
+def frozen(value):
+    """Lists from a config or an override become tuples, so a section stays hashable."""
+    if isinstance(value, (list, tuple)):
+        return tuple(frozen(v) for v in value)
+    return value
+
+
+def build_section(cls, name: str, values):
+    """``cls(**values)`` for the config section ``name``: every field without a default must
+    be given and no other key may be; the dataclass checks its values in ``__post_init__``."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name} must be a dict, got {type(values).__name__}")
+    known = fields(cls)
+    required = {f.name for f in known if f.default is MISSING and f.default_factory is MISSING}
+    unknown = sorted(set(values) - {f.name for f in known})
+    missing = sorted(required - set(values))
+    if unknown or missing:
+        raise ConfigError(f"{name}: unknown keys {unknown}, missing keys {missing}")
+    return cls(**{key: frozen(value) for key, value in values.items()})
 
 
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) for MFU. Names as torch reports them;
@@ -53,13 +82,8 @@ class DeviceInfo:
     name: str
     arch: str  # ampere, ada, hopper, blackwell, blackwell_consumer, older, cpu
     capability: tuple  # (major, minor); (0, 0) on the CPU
-    memory_gb: float
     shared_memory_per_block: int  # opt-in bytes a Triton kernel may use per block
     peak_tflops: float | None  # dense bf16; None where unknown (then MFU is not reported)
-
-    @property
-    def supports_fp8(self):
-        return self.kind == "cuda" and self.capability >= (8, 9)
 
 
 def arch_from_capability(major, minor):
@@ -88,7 +112,7 @@ def detect_device(kind, index=0):
     import torch
 
     if kind == "cpu":
-        return DeviceInfo("cpu", "cpu", "cpu", (0, 0), 0.0, 0, None)
+        return DeviceInfo("cpu", "cpu", "cpu", (0, 0), 0, None)
     if not torch.cuda.is_available():
         raise ConfigError("this config needs a CUDA GPU and none was found. On a machine "
                           "without one, use --config config/cpu.py (a tiny model sized for the "
@@ -104,19 +128,27 @@ def detect_device(kind, index=0):
         name=props.name,
         arch=arch_from_capability(props.major, props.minor),
         capability=(props.major, props.minor),
-        memory_gb=props.total_memory / 2**30,
         shared_memory_per_block=getattr(props, "shared_memory_per_block_optin", 0),
         peak_tflops=peak_tflops_for(props.name),
     )
 
 
-def setup_environment(cache_dir=None):
+@dataclass(frozen=True)
+class CompileConfig:
+    """``compile_config``: torch.compile of the model and the optimizer's updates."""
+
+    enabled: bool
+    cache_dir: str  # inductor and Triton caches, reused by the next run; relative to the repo
+    coordinate_descent_tuning: bool
+
+
+def setup_environment(cache_dir=".cache"):
     """Environment read by torch/inductor/Triton at first use; call before compiling.
 
     Caches live in an ignored folder of the checkout (default ``.cache/``) so a second run
     reuses the compiled kernels. Variables already set by the user are left alone.
     """
-    cache = Path(cache_dir) if cache_dir else REPO_ROOT / ".cache"
+    cache = Path(cache_dir).expanduser()
     if not cache.is_absolute():
         cache = REPO_ROOT / cache
     # expandable segments: the batch-size stages change activation sizes; this avoids
@@ -154,7 +186,7 @@ def patch_triton_shared_memory(device, driver_utils=None):
     return True
 
 
-def configure_torch(device, compile_config):
+def configure_torch(device, compile_config: CompileConfig):
     """In-process flags for matmul precision, dynamo and inductor."""
     import torch
 
@@ -162,12 +194,11 @@ def configure_torch(device, compile_config):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         patch_triton_shared_memory(device)
-    if not compile_config.get("enabled", False):
+    if not compile_config.enabled:
         return
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     # Each schedule stage is a distinct shape; they are all compiled up front.
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
-    inductor_config.coordinate_descent_tuning = bool(
-        compile_config.get("coordinate_descent_tuning", False))
+    inductor_config.coordinate_descent_tuning = compile_config.coordinate_descent_tuning

@@ -39,13 +39,10 @@ model_config = dict(
     softcap_shift=5.0,
     softcap_temp=7.5,
     fused_loss=True,  # lm_head + softcap + cross-entropy as one op (kernels.py)
-    # float8 matmuls in that op where the GPU has them (capability >= 8.9, else bf16): faster
-    # per step on the H100 (6.6% when introduced), at 0.3-0.5% relative error in the lm_head's
-    # gradients against bf16's 0.03-0.06% (README, Speed; tests/test_gpu.py)
+    # float8 matmuls in that op where the GPU has them (capability >= 8.9, else bf16): faster,
+    # at some accuracy (README, Speed, gives both)
     fp8_lm_head=True,
-    # the MLP's matmuls in float8 too (kernels.linear, same guard, dynamic per-tensor scales):
-    # 3% faster per step and 5.6 GB less memory, at ~6% relative error in the MLP's output
-    # and ~9% in its gradients against float32 (tests/test_gpu.py)
+    # the MLP's matmuls in float8 too (kernels.linear, same guard, dynamic per-tensor scales)
     fp8_mlp=True,
     init_std=0.5,
     lm_head_init_std=0.005,
@@ -57,7 +54,7 @@ optimizer_config = dict(
     matrix_optimizer="normuon",  # normuon | bam | aro
     adam=dict(lr=0.008, betas=(0.5, 0.95), eps=1e-10, weight_decay=0.005),
     scalar_adam=dict(lr=0.008, betas=(0.9, 0.99), eps=1e-10, weight_decay=0.005),
-    normuon=dict(lr=0.023, momentum=0.95, beta2=0.9, weight_decay=1.2, ns_steps=5),
+    normuon=dict(lr=0.023, momentum=0.95, beta2=0.9, weight_decay=1.2),
     # BAM's SinkNorm output has the Frobenius norm of a semi-orthogonal matrix, so NorMuon's
     # lr and decay carry over.
     bam=dict(lr=0.023, momentum=0.95, weight_decay=1.2),
@@ -76,17 +73,13 @@ training_config = dict(
     device="cuda",
     seed=0,
     run_name="base",
-    num_scheduled_iterations=1805,
-    num_extension_iterations=40,  # at the final lr with the extension window
     max_seq_len=2048,  # longest segment (document head) in a packed micro-batch
     batch_size_multiple=32,  # micro-batch = 32 x 2048 = 65,536 tokens; env BATCH_SIZE_MULTIPLE
     val_tokens=10_485_760,
     val_loss_every=250,  # 0: only at the end
     target_val_loss=3.28,
-    early_stop_steps=None,  # --early_stop_steps N stops after N steps, schedules unchanged
+    early_stop_steps=None,  # --early_stop_steps N stops after N steps, the schedule unchanged
     grad_clip_norm=0.0,  # 0: off
-    split_frac=2 / 3,  # untie embedding and lm_head at this fraction of the scheduled steps
-    freeze_scalars_steps=40,  # scalar Adam holds still this long after each transition
     checkpoint_every=0,  # 0: off
     checkpoint_dir="checkpoints",
     save_on_interrupt=True,  # Ctrl-C writes a checkpoint and says where
@@ -94,33 +87,30 @@ training_config = dict(
     benchmark_steps=20,  # timed steps per stage in --benchmark mode
 )
 
-# Tokens per optimizer step, switching at fractions of the scheduled steps; each stage's lr is
-# multiplied by lr_mul (larger batches take larger steps).
-batch_schedule = dict(
-    fractions=(0.0, 1 / 3, 2 / 3),
-    tokens=(131_072, 262_144, 393_216),
-    lr_mul=(1.0, 1.52, 1.73),
-)
-
-# Attention windows in 128-token blocks; short windows are long // short_divisor. Each growth
-# of the long window applies YaRN; validation at the end extends it without YaRN.
-window_schedule = dict(
-    fractions=(0.0, 1 / 3, 2 / 3),
-    long=(3, 7, 11),
-    extension_long=13,
-    validation_long=20,
-    short_divisor=2,
-)
-
-lr_schedule = dict(
+# The stage table: each row takes its duration (share) of the scheduled iterations, with its
+# tokens per optimizer step, (short, long) attention windows in 128-token blocks and lr
+# multiplier (larger batches take larger steps). Each growth of the long window applies YaRN.
+# The last row, without a duration, holds for the extension iterations, at the final lr.
+schedule = dict(
+    num_scheduled_iterations=1805,
+    num_extension_iterations=40,
+    stages=(
+        dict(duration=1 / 3, tokens=131_072, windows=(1, 3), lr_mul=1.0),
+        dict(duration=1 / 3, tokens=262_144, windows=(3, 7), lr_mul=1.52),
+        dict(duration=1 / 3, tokens=393_216, windows=(5, 11), lr_mul=1.73),
+        dict(tokens=393_216, windows=(6, 13), lr_mul=1.73),
+    ),
+    validation_windows=(10, 20),  # the final validation extends the windows, without YaRN
     warmup_steps=0,
-    cooldown_frac=0.5,  # linear decay over the last half of the scheduled steps
+    cooldown_frac=0.5,  # linear decay over the last half of the scheduled iterations
     final_lr_ratio=0.1,
     momentum_start=0.85,  # matrix optimizer momentum: 0.85 -> 0.95 -> 0.85
     momentum_peak=0.95,
     momentum_end=0.85,
     momentum_warmup_steps=300,
     momentum_cooldown_steps=50,
+    split_frac=2 / 3,  # untie embedding and lm_head at this share of the scheduled iterations
+    freeze_scalars_steps=40,  # scalar Adam holds still this long when a stage begins
 )
 
 data_config = dict(

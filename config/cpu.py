@@ -25,18 +25,27 @@ training_config = dict(
     base.training_config,
     device="cpu",
     run_name="cpu",
-    num_scheduled_iterations=60,
-    num_extension_iterations=4,
     max_seq_len=256,
     batch_size_multiple=2,  # 512-token micro-batches
     val_tokens=8_192,
     val_loss_every=20,
     target_val_loss=7.3,  # a tiny model on the proxy corpus; not comparable with 3.28
+)
+schedule = dict(
+    base.schedule,
+    num_scheduled_iterations=60,
+    num_extension_iterations=4,
+    stages=(
+        dict(duration=1 / 3, tokens=512, windows=(1, 2), lr_mul=1.0),
+        dict(duration=1 / 3, tokens=1_024, windows=(1, 3), lr_mul=1.52),
+        dict(duration=1 / 3, tokens=1_024, windows=(2, 4), lr_mul=1.73),
+        dict(tokens=1_024, windows=(2, 4), lr_mul=1.73),
+    ),
+    validation_windows=(2, 4),
+    momentum_warmup_steps=15,
+    momentum_cooldown_steps=4,
     freeze_scalars_steps=5,
 )
-batch_schedule = dict(base.batch_schedule, tokens=(512, 1_024, 1_024))
-window_schedule = dict(base.window_schedule, long=(2, 3, 4), extension_long=4, validation_long=4)
-lr_schedule = dict(base.lr_schedule, momentum_warmup_steps=15, momentum_cooldown_steps=4)
 data_config = base.data_config
 logging_config = dict(base.logging_config, wandb=False)
 compile_config = dict(base.compile_config, enabled=False)

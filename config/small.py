@@ -21,16 +21,24 @@ optimizer_config = base.optimizer_config
 training_config = dict(
     base.training_config,
     run_name="small",
-    num_scheduled_iterations=600,
-    num_extension_iterations=20,
     batch_size_multiple=16,  # 32,768-token micro-batches
     val_tokens=2_097_152,
     val_loss_every=100,
+)
+schedule = dict(
+    base.schedule,
+    num_scheduled_iterations=600,
+    num_extension_iterations=20,
+    stages=(
+        dict(duration=1 / 3, tokens=65_536, windows=(1, 3), lr_mul=1.0),
+        dict(duration=1 / 3, tokens=131_072, windows=(3, 7), lr_mul=1.52),
+        dict(duration=1 / 3, tokens=196_608, windows=(5, 11), lr_mul=1.73),
+        dict(tokens=196_608, windows=(6, 13), lr_mul=1.73),
+    ),
+    momentum_warmup_steps=100,
+    momentum_cooldown_steps=20,
     freeze_scalars_steps=10,
 )
-batch_schedule = dict(base.batch_schedule, tokens=(65_536, 131_072, 196_608))
-window_schedule = base.window_schedule
-lr_schedule = dict(base.lr_schedule, momentum_warmup_steps=100, momentum_cooldown_steps=20)
 data_config = base.data_config
 logging_config = base.logging_config
 compile_config = base.compile_config

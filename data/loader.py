@@ -28,6 +28,7 @@ import glob
 import os
 import queue
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +39,16 @@ from data.shards import BOS_ID, read_shard
 
 DEFAULT_LOOKAHEAD = 64
 DEFAULT_PREFETCH_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``data_config``: where the shards are; patterns relative to the repository root."""
+
+    train_pattern: str  # env DATA_PATH=folder overrides both patterns
+    val_pattern: str
+    num_train_shards: int  # FineWeb train shards downloaded on first use of the default path
+    prefetch: bool  # prepare batches in a background thread
 
 
 def find_shards(pattern: str) -> list[Path]:

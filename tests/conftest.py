@@ -25,3 +25,25 @@ def tiny_model_config():
         skip_lambda_init=-1.5, backout_init=0.5, logit_softcap=23.0, softcap_form="sigmoid",
         softcap_shift=5.0, softcap_temp=7.5, fused_loss=True, fp8_lm_head=False, fp8_mlp=False,
         init_std=0.5, lm_head_init_std=0.005)
+
+
+@pytest.fixture
+def optimizer_config():
+    """config/base.py's optimizer_config, a fresh copy."""
+    import run
+
+    return run.load_config(REPO_ROOT / "config" / "base.py")["optimizer_config"]
+
+
+def gpt_config(model_config):
+    """A model_config dict as the typed GPTConfig the model takes."""
+    from model import GPTConfig
+    from utils import build_section
+
+    return build_section(GPTConfig, "model_config", model_config)
+
+
+def make_gpt(model_config):
+    from model import GPT
+
+    return GPT(gpt_config(model_config))

@@ -5,8 +5,10 @@ import copy
 
 import pytest
 import torch
+from conftest import make_gpt
 
-import model as M
+from data.shards import BOS_ID
+from layers.masks import document_ids
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -15,8 +17,8 @@ def packed_tokens(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 50000, (n,), generator=g)
     starts = torch.randint(1, n, (n // 300,), generator=g)
-    x[0] = M.BOS_ID
-    x[starts] = M.BOS_ID
+    x[0] = BOS_ID
+    x[starts] = BOS_ID
     return x, torch.roll(x, -1)
 
 
@@ -24,19 +26,19 @@ def packed_tokens(n, seed=0):
 def test_cuda_path_matches_cpu_reference(tiny_model_config, compiled):
     config = dict(tiny_model_config, block_size=128, model_dim=128, num_heads=2, head_dim=64)
     torch.manual_seed(0)
-    reference = M.GPT(config)
+    reference = make_gpt(config)
     with torch.no_grad():
         for p in reference.parameters():
             if p is not reference.embed:  # a tied model's embedding is its lm_head
                 p.add_(torch.randn_like(p) * (0.3 if p.ndim < 2 else 0.02))
-        reference.sync_tied_weights()
-    reference.set_windows(2, 5)
+        reference.tie.sync()
+    reference.yarn.set_windows((2, 5))
     gpu = copy.deepcopy(reference).cuda()
     x, y = packed_tokens(4096)
     loss_ref = reference(x, y)
     loss_ref.backward()
     run = torch.compile(gpu, dynamic=False, fullgraph=True) if compiled else gpu
-    loss_gpu = run(x.cuda(), y.cuda(), M.document_ids(x.cuda()))
+    loss_gpu = run(x.cuda(), y.cuda(), document_ids(x.cuda()))
     loss_gpu.backward()
     assert loss_gpu.item() == pytest.approx(loss_ref.item(), rel=1e-2)
     errors = {name: ((p_gpu.grad.cpu() - p_ref.grad).norm()
@@ -53,15 +55,15 @@ def test_cuda_path_matches_cpu_reference(tiny_model_config, compiled):
 
 def test_window_change_does_not_recompile(tiny_model_config):
     config = dict(tiny_model_config, block_size=128)
-    gpu = M.GPT(config).cuda()
-    gpu.set_windows(1, 2)
+    gpu = make_gpt(config).cuda()
+    gpu.yarn.set_windows((1, 2))
     x, y = packed_tokens(2048)
     x, y = x.cuda(), y.cuda()
     torch._dynamo.reset()
     run = torch.compile(gpu, dynamic=False, fullgraph=True)
     run(x, y).backward()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        gpu.set_windows(3, 6)
+        gpu.yarn.set_windows((3, 6))
         run(x, y).backward()
 
 
@@ -143,13 +145,14 @@ def test_compiled_optimizer_steps_match_eager_and_compile_once(tiny_model_config
     """On CUDA the Adam and matrix updates run compiled, with the per-step values as device
     tensors: the same steps as the eager CPU path, and no recompile as lr and momentum move."""
     import run
-    from optimizers import build_optimizer
+    from optimizers import OptimizerConfig, build_optimizer
     from utils import REPO_ROOT
 
-    config = run.load_config(REPO_ROOT / "config" / "base.py")["optimizer_config"]
+    config = OptimizerConfig.from_dict(
+        run.load_config(REPO_ROOT / "config" / "base.py")["optimizer_config"])
     torch.manual_seed(0)
-    cpu = M.GPT(tiny_model_config)
-    gpu = M.GPT(tiny_model_config).cuda()  # not deepcopy: it drops the parameters' labels
+    cpu = make_gpt(tiny_model_config)
+    gpu = make_gpt(tiny_model_config).cuda()  # not deepcopy: it drops the parameters' labels
     gpu.load_state_dict(cpu.state_dict())
     optimizers = build_optimizer(cpu, config), build_optimizer(gpu, config)
     initial = [p.detach().clone() for p in cpu.parameters()]

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import gpt_config
 from torch import nn
 
 import run
@@ -14,16 +15,15 @@ from optimizers import (
     LABEL_GROUPS,
     MATRIX_OPTIMIZERS,
     POLAR_EXPRESS_COEFFS,
-    build_optimizer,
+    OptimizerConfig,
     normuon_direction,
-    optimal_odd_quintic,
     polar_express,
-    polar_express_coefficients,
     qr_orthonormal,
     sink_norm,
     sr_sinkhorn,
 )
-from utils import REPO_ROOT
+from optimizers import build_optimizer as build_from_config
+from utils import REPO_ROOT, ConfigError
 
 # -----------------------------------------------------------------------------------------
 # Helpers
@@ -55,6 +55,15 @@ def make_config(method="normuon", **matrix_overrides):
     return cfg
 
 
+def build_optimizer(named_params, config_dict):
+    return build_from_config(named_params, OptimizerConfig.from_dict(config_dict))
+
+
+def groups(opt):
+    """{group: {name: param}} in optimizer order."""
+    return {g: {e.name: e.param for e in group.entries} for g, group in opt._groups.items()}
+
+
 class TinyGPT(nn.Module):
     """Parameters shaped and labelled like the speedrun model's, at toy size."""
 
@@ -65,7 +74,9 @@ class TinyGPT(nn.Module):
         def rand(*shape):
             return 0.5 * torch.randn(*shape, generator=g)
 
-        self.lm_head = labelled(rand(vocab, dim), "lm_head")  # tied to the embedding
+        self.lm_head = labelled(rand(vocab, dim), "lm_head")
+        self.embed = labelled(self.lm_head.detach().clone(), "embed")  # tied until untie()
+        self.tied = True
         self.value_embed = labelled(rand(vocab, dim), "value_embed")
         self.attn = nn.ParameterList([labelled(rand(4, dim, dim), "attn") for _ in range(layers)])
         self.c_fc = nn.ParameterList([labelled(rand(ffn, dim), "mlp") for _ in range(layers)])
@@ -75,16 +86,20 @@ class TinyGPT(nn.Module):
         self.gates = nn.ParameterList([labelled(rand(heads, 12), "gate") for _ in range(layers)])
         self.lambdas = labelled(torch.ones(layers), "scalar")
 
-    def untie(self):
-        self.embed = labelled(self.lm_head.detach().clone(), "embed")
-        return self.embed
+    def untie(self, opt):
+        """As layers.embeddings.EmbeddingTie.untie: the embedding's own gradient from now on,
+        starting from the lm_head's optimizer state."""
+        self.tied = False
+        opt.copy_state(self.embed, self.lm_head)
 
 
 def fill_grads(model, step):
-    """Deterministic gradients that depend on the weights, like real ones."""
+    """Deterministic gradients that depend on the weights, like real ones; none for the
+    embedding while it is tied (the trainer folds it into the lm_head's)."""
     g = torch.Generator().manual_seed(1000 + step)
-    for p in model.parameters():
-        p.grad = 0.3 * p.detach() + torch.randn(p.shape, generator=g)
+    for name, p in model.named_parameters():
+        if name != "embed" or not model.tied:
+            p.grad = 0.3 * p.detach() + torch.randn(p.shape, generator=g)
 
 
 def singular_values(X):
@@ -101,6 +116,57 @@ def matrix_with_spectrum(rows, cols, spectrum, seed=0):
 
 # -----------------------------------------------------------------------------------------
 # Polar Express
+
+
+def odd_quintic(coeffs, x):
+    a, b, c = coeffs
+    return a * x + b * x**3 + c * x**5
+
+
+def optimal_odd_quintic(lo, hi):
+    """Minimax odd quintic a x + b x^3 + c x^5 approximating 1 on [lo, hi] (Remez exchange).
+
+    The error equioscillates at lo, the two critical points and hi (p - 1 = -E, +E, -E, +E).
+    """
+    if lo / hi > 1 - 5e-6:
+        # The interval is numerically a point: take the limit polynomial, flat at hi.
+        return 15 / 8 / hi, -10 / 8 / hi**3, 3 / 8 / hi**5
+    nodes = [lo, (3 * lo + hi) / 4, (lo + 3 * hi) / 4, hi]
+    err = math.inf
+    for _ in range(100):
+        system = np.array([[x, x**3, x**5, (-1) ** i] for i, x in enumerate(nodes)])
+        a, b, c, new_err = np.linalg.solve(system, np.ones(4))
+        # The interior nodes move to the roots of p'(x) = a + 3b x^2 + 5c x^4.
+        disc = math.sqrt(9 * b * b - 20 * a * c)
+        nodes[1] = math.sqrt((-3 * b - disc) / (10 * c))
+        nodes[2] = math.sqrt((-3 * b + disc) / (10 * c))
+        if abs(new_err - err) <= 1e-15:
+            break
+        err = new_err
+    return float(a), float(b), float(c)
+
+
+def polar_express_coefficients(steps, lo=1e-3, safety=2e-2, cushion=0.02):
+    """The paper's greedy schedule of odd quintics for singular values in [lo, 1].
+
+    Each step takes the minimax quintic on [max(lo, cushion * hi), hi] (the cushion stops the
+    first steps from spending their degree on the tiniest singular values), rescales it so that
+    p(lo) and p(hi) straddle 1 symmetrically, and, except on the last step, evaluates it at
+    x / (1 + safety) so bf16 rounding cannot push values past the next step's interval.
+    """
+    hi = 1.0
+    coeffs = []
+    for step in range(steps):
+        abc = optimal_odd_quintic(max(lo, cushion * hi), hi)
+        scale = 2 / (odd_quintic(abc, lo) + odd_quintic(abc, hi))
+        a, b, c = (scale * v for v in abc)
+        if step < steps - 1:
+            s = 1 + safety
+            a, b, c = a / s, b / s**3, c / s**5
+        coeffs.append((a, b, c))
+        lo = odd_quintic((a, b, c), lo)
+        hi = 2 - lo
+    return tuple(coeffs)
 
 
 def test_coefficients_match_the_papers_construction():
@@ -132,25 +198,14 @@ def test_coefficients_map_the_design_interval_close_to_one():
     assert x.min() > 0.85 and x.max() < 1.15
 
 
-@pytest.mark.parametrize("shape", [(8, 24), (24, 8), (3, 8, 24)])
-def test_polar_express_ill_conditioned_in_float64(shape):
-    # Singular values spanning 1e-3..1: the coefficients' own claim, free of bf16 rounding.
-    *batch, rows, cols = shape
-    spectrum = np.geomspace(1.0, 1e-3, min(rows, cols))
-    G = torch.stack([matrix_with_spectrum(rows, cols, spectrum, seed=s) for s in range(3)])
-    G = G[: batch[0]] if batch else G[0]
-    s = singular_values(polar_express(G, dtype=torch.float64))
-    assert s.min() > 0.6 and s.max() < 1.2
-
-
-def test_more_steps_use_the_construction_and_converge_further():
-    x = np.geomspace(1e-3, 1.0, 100_001)
-    for a, b, c in polar_express_coefficients(6):
-        x = a * x + b * x**3 + c * x**5
-    assert x.min() > 0.99 and x.max() < 1.01
-    G = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
-    s = singular_values(polar_express(G, steps=6))
-    assert s.min() > 0.97 and s.max() < 1.03
+def test_the_coefficients_orthogonalise_an_ill_conditioned_matrix_in_float64():
+    # Singular values spanning 1e-3..1, free of bf16 rounding: the coefficients' own claim,
+    # on the singular values of a real matrix after its Frobenius normalisation.
+    G = matrix_with_spectrum(8, 24, np.geomspace(1.0, 1e-3, 8))
+    x = singular_values(G / (G.norm() * 1.02)).numpy()
+    for coeffs in POLAR_EXPRESS_COEFFS:
+        x = odd_quintic(coeffs, x)
+    assert x.min() > 0.6 and x.max() < 1.2
 
 
 @pytest.mark.parametrize("shape", [(32, 128), (128, 32), (3, 16, 48)])
@@ -243,15 +298,15 @@ def test_normuon_variance_normalisation(shape):
 def test_split_puts_every_parameter_in_exactly_one_group():
     model = TinyGPT()
     opt = build_optimizer(model, make_config())
-    groups = opt.groups()
-    assert set(groups) == {"adam", "matrix", "scalar"}
-    seen = [id(p) for members in groups.values() for p in members.values()]
+    split = groups(opt)
+    assert set(split) == {"adam", "matrix", "scalar"}
+    seen = [id(p) for members in split.values() for p in members.values()]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())
-    for group, members in groups.items():
+    for group, members in split.items():
         for name, p in members.items():
             assert LABEL_GROUPS[p.label] == group, name
-    assert all(id(g) in map(id, groups["scalar"].values()) for g in model.gates)
-    assert len(groups["matrix"]) == 6 and len(groups["adam"]) == 2
+    assert all(id(g) in map(id, split["scalar"].values()) for g in model.gates)
+    assert len(split["matrix"]) == 6 and len(split["adam"]) == 3
 
 
 def test_unknown_or_missing_label_is_an_error():
@@ -266,16 +321,27 @@ def test_unknown_or_missing_label_is_an_error():
 
 
 def test_config_is_validated():
-    with pytest.raises(ValueError, match="unknown optimizer_config keys"):
-        build_optimizer([], {**make_config(), "muon": {}})
+    with pytest.raises(ConfigError, match="unknown keys \\['muon'\\]"):
+        OptimizerConfig.from_dict({**make_config(), "muon": {}})
     cfg = make_config()
     del cfg["normuon"]["beta2"]
-    with pytest.raises(ValueError, match="beta2"):
-        build_optimizer([], cfg)
-    with pytest.raises(ValueError, match="Adam labels only"):
-        build_optimizer([], {**make_config(), "label_betas": {"mlp": (0.9, 0.9)}})
-    with pytest.raises(ValueError, match="matrix_optimizer"):
-        build_optimizer([], {**make_config(), "matrix_optimizer": "sgd"})
+    with pytest.raises(ConfigError, match="normuon: unknown keys \\[\\], missing keys "
+                       "\\['beta2'\\]"):
+        OptimizerConfig.from_dict(cfg)
+    cfg = make_config()
+    cfg["aro"]["rms_target"] = 0.2  # a section not chosen is still checked
+    with pytest.raises(ConfigError, match="aro: unknown keys \\['rms_target'\\]"):
+        OptimizerConfig.from_dict(cfg)
+    with pytest.raises(ConfigError, match="Adam labels only"):
+        OptimizerConfig.from_dict({**make_config(), "label_betas": {"mlp": (0.9, 0.9)}})
+    with pytest.raises(ConfigError, match="unknown labels \\['mystery'\\]"):
+        OptimizerConfig.from_dict({**make_config(), "label_lr_mul": {"mystery": 1.0}})
+    with pytest.raises(ConfigError, match="matrix_optimizer"):
+        OptimizerConfig.from_dict({**make_config(), "matrix_optimizer": "sgd"})
+    cfg = make_config("bam")
+    del cfg["bam"]
+    with pytest.raises(ConfigError, match="lacks the 'bam' section"):
+        OptimizerConfig.from_dict(cfg)
 
 
 # -----------------------------------------------------------------------------------------
@@ -491,7 +557,7 @@ def train(model, opt, steps, log=None):
     """The trainer's loop, with a schedule, the untie step and a scalar freeze."""
     for step in steps:
         if step == 3:
-            opt.add_param(model.untie(), copy_state_from=model.lm_head)
+            model.untie(opt)
         if step == 2:
             opt.freeze_scalars(4)  # still running at the checkpoint after step 4
         opt.set_lr_factor(1.0 - step / 20)
@@ -503,7 +569,7 @@ def train(model, opt, steps, log=None):
             log.append([p.detach().clone() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("rebuild", ["add_param", "untied_reordered"])
+@pytest.mark.parametrize("rebuild", ["in_order", "reordered"])
 @pytest.mark.parametrize("method", MATRIX_OPTIMIZERS)
 def test_checkpoint_resumes_bit_identically(method, rebuild):
     cfg = make_config(method)
@@ -518,14 +584,10 @@ def test_checkpoint_resumes_bit_identically(method, rebuild):
     buffer.seek(0)
     checkpoint = torch.load(buffer)
     fresh = TinyGPT(seed=1)
-    if rebuild == "add_param":
-        # Rebuild as the run did: optimizer on the tied model, then untie.
-        opt = build_optimizer(fresh, cfg)
-        opt.add_param(fresh.untie(), copy_state_from=fresh.lm_head)
-    else:
-        # Or build on an already untied model, parameters in another order: names match.
-        fresh.untie()
-        opt = build_optimizer(list(fresh.named_parameters())[::-1], cfg)
+    fresh.tied = False  # as the checkpointed run, untied at step 3
+    named = list(fresh.named_parameters())
+    # Rebuild as the run did, or with the parameters in another order: names match.
+    opt = build_optimizer(named if rebuild == "in_order" else named[::-1], cfg)
     fresh.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["opt"])
     assert opt.frozen_scalar_steps == 1
@@ -540,9 +602,9 @@ def test_load_rejects_a_mismatched_checkpoint():
     state = build_optimizer(model, make_config("normuon")).state_dict()
     with pytest.raises(ValueError, match="normuon"):
         build_optimizer(model, make_config("bam")).load_state_dict(state)
-    model.untie()
+    fewer = [(n, p) for n, p in model.named_parameters() if n != "embed"]
     with pytest.raises(ValueError, match="embed"):
-        build_optimizer(model, make_config("normuon")).load_state_dict(state)
+        build_optimizer(fewer, make_config("normuon")).load_state_dict(state)
     other = TinyGPT(ffn=12)
     with pytest.raises(ValueError, match="shape"):
         build_optimizer(other, make_config("normuon")).load_state_dict(state)
@@ -551,7 +613,7 @@ def test_load_rejects_a_mismatched_checkpoint():
 def test_freeze_scalars_skips_weights_and_state():
     model = TinyGPT()
     opt = build_optimizer(model, make_config())
-    scalars = list(opt.groups()["scalar"].values())
+    scalars = list(groups(opt)["scalar"].values())
     fill_grads(model, 0)
     opt.step()
     before = [p.detach().clone() for p in scalars]
@@ -575,47 +637,41 @@ def test_freeze_scalars_skips_weights_and_state():
     assert not torch.equal(model.lambdas, before[-1])
 
 
-def test_add_param_copies_state_deeply():
+def test_untie_copies_state_deeply():
     model = TinyGPT()
     opt = build_optimizer(model, make_config())
     for step in range(2):
         fill_grads(model, step)
         opt.step()
-    embed = model.untie()
-    opt.add_param(embed, copy_state_from=model.lm_head)
-    assert "embed" in opt.groups()["adam"]
+    model.untie(opt)
     states = {p["name"]: p["state"] for p in opt.state_dict()["params"]}
     assert states["embed"]["step"] == states["lm_head"]["step"] == 2
     assert torch.equal(states["embed"]["exp_avg_sq"], states["lm_head"]["exp_avg_sq"])
     # Independent copies: stepping only the embedding leaves the lm_head's moments alone.
     opt.zero_grad()
-    embed.grad = torch.ones_like(embed)
+    model.embed.grad = torch.ones_like(model.embed)
     opt.step()
     after = {p["name"]: p["state"] for p in opt.state_dict()["params"]}
     assert torch.equal(after["lm_head"]["exp_avg"], states["lm_head"]["exp_avg"])
     assert not torch.equal(after["embed"]["exp_avg"], states["embed"]["exp_avg"])
 
 
-def test_add_param_transposes_state_and_checks_groups():
+def test_copy_state_transposes_and_checks_groups():
     head = labelled(torch.randn(5, 3), "lm_head")
-    opt = build_optimizer([("head", head)], make_config())
-    head.grad = torch.randn(5, 3)
-    opt.step()
     embed = labelled(torch.randn(3, 5), "embed")
-    opt.add_param(embed, copy_state_from=head)
-    states = [p["state"] for p in opt.state_dict()["params"]]
-    assert torch.equal(states[1]["exp_avg"], states[0]["exp_avg"].T)
-    with pytest.raises(ValueError, match="'adam' state into a 'matrix'"):
-        opt.add_param(labelled(torch.randn(5, 3), "mlp"), copy_state_from=head)
-    with pytest.raises(ValueError, match="already"):
-        opt.add_param(embed)
-    with pytest.raises(ValueError, match="two parameters of this optimizer"):
-        opt.copy_state(labelled(torch.randn(5, 3), "embed"), head)
+    mlp = labelled(torch.randn(5, 3), "mlp")
+    opt = build_optimizer([("head", head), ("embed", embed), ("mlp", mlp)], make_config())
     head.grad = torch.randn(5, 3)
     opt.step()
     opt.copy_state(embed, head)
     states = [p["state"] for p in opt.state_dict()["params"]]
-    assert states[1]["step"] == 2 and torch.equal(states[1]["exp_avg"], states[0]["exp_avg"].T)
+    assert states[1]["step"] == 1 and torch.equal(states[1]["exp_avg"], states[0]["exp_avg"].T)
+    with pytest.raises(ValueError, match="'adam' state into a 'matrix'"):
+        opt.copy_state(mlp, head)
+    with pytest.raises(ValueError, match="two parameters of this optimizer"):
+        opt.copy_state(labelled(torch.randn(5, 3), "embed"), head)
+    with pytest.raises(ValueError, match="already in the optimizer"):
+        build_optimizer([("head", head), ("again", head)], make_config())
 
 
 def test_zero_grad_and_momentum_bounds():
@@ -633,13 +689,12 @@ def test_split_covers_the_base_model_exactly_once():
 
     base = run.load_config(REPO_ROOT / "config" / "base.py")
     with torch.device("meta"):
-        gpt = GPT(base["model_config"])
-    gpt.untie()
-    groups = build_optimizer(gpt, base["optimizer_config"]).groups()
+        gpt = GPT(gpt_config(base["model_config"]))
+    split = groups(build_optimizer(gpt, base["optimizer_config"]))
     named = dict(gpt.named_parameters())
-    seen = [name for members in groups.values() for name in members]
+    seen = [name for members in split.values() for name in members]
     assert sorted(seen) == sorted(named)  # every parameter, none twice
-    assert {n for n in groups["adam"]} == {"lm_head", "embed", "value_embeds.0",
-                                           "value_embeds.1", "value_embeds.2"}
-    assert all(named[n].label in ("attn", "mlp") for n in groups["matrix"])
-    assert all(named[n].label in ("scalar", "gate") for n in groups["scalar"])
+    assert {n for n in split["adam"]} == {"lm_head", "embed", "value_embeds.tables.0",
+                                          "value_embeds.tables.1", "value_embeds.tables.2"}
+    assert all(named[n].label in ("attn", "mlp") for n in split["matrix"])
+    assert all(named[n].label in ("scalar", "gate") for n in split["scalar"])

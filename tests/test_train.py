@@ -1,4 +1,5 @@
-"""train.py: schedules, gradient accumulation, transitions, resume, failures, records."""
+"""train.py: the stage table, gradient accumulation, transitions, resume, failures; run.py's
+training mode end to end, records and their summary, the benchmark mode."""
 
 import json
 import math
@@ -14,8 +15,9 @@ import train
 import utils
 from data.shards import BOS_ID, write_shard
 from records import summary
+from records.write import git_commit
 
-CPU = utils.DeviceInfo("cpu", "cpu", "cpu", (0, 0), 0.0, 0, None)
+CPU = utils.DeviceInfo("cpu", "cpu", "cpu", (0, 0), 0, None)
 
 
 def make_shard(path, num_tokens, seed):
@@ -50,14 +52,17 @@ def tiny_config(tmp_path, data_dir):
     config["model_config"].update(num_layers=4, model_dim=32, num_heads=2, head_dim=16,
                                   ffn_dim=64, block_size=16)
     config["training_config"].update(
-        num_scheduled_iterations=12, num_extension_iterations=2, max_seq_len=64,
-        batch_size_multiple=2, val_tokens=256, val_loss_every=5, split_frac=0.5,
-        freeze_scalars_steps=2, checkpoint_dir=str(tmp_path / "ckpt"),
-        records_dir=str(tmp_path / "records"), target_val_loss=20.0)
-    config["batch_schedule"].update(fractions=(0.0, 1 / 3, 2 / 3), tokens=(128, 256, 256))
-    config["window_schedule"].update(fractions=(0.0, 1 / 3, 2 / 3), long=(2, 3, 4),
-                                     extension_long=5, validation_long=6)
-    config["lr_schedule"].update(momentum_warmup_steps=3, momentum_cooldown_steps=2)
+        max_seq_len=64, batch_size_multiple=2, val_tokens=256, val_loss_every=5,
+        checkpoint_dir=str(tmp_path / "ckpt"), records_dir=str(tmp_path / "records"),
+        target_val_loss=20.0)
+    config["schedule"].update(
+        num_scheduled_iterations=12, num_extension_iterations=2, split_frac=0.5,
+        freeze_scalars_steps=2, momentum_warmup_steps=3, momentum_cooldown_steps=2,
+        stages=(dict(duration=1 / 3, tokens=128, windows=(1, 2), lr_mul=1.0),
+                dict(duration=1 / 3, tokens=256, windows=(1, 3), lr_mul=1.52),
+                dict(duration=1 / 3, tokens=256, windows=(2, 4), lr_mul=1.73),
+                dict(tokens=256, windows=(2, 5), lr_mul=1.73)),
+        validation_windows=(3, 6))
     config["data_config"].update(train_pattern=str(data_dir / "tiny_train_*.bin"),
                                  val_pattern=str(data_dir / "tiny_val_*.bin"), prefetch=False)
     config["logging_config"].update(log_dir=str(tmp_path / "logs"), progress_bar=False)
@@ -65,11 +70,12 @@ def tiny_config(tmp_path, data_dir):
 
 
 def make_logger(config, tmp_path):
-    return train.RunLogger(tmp_path / "log.txt", config["logging_config"], config, 14, "test")
+    return train.RunLogger(tmp_path / "log.txt", run.build_config(config).logging, config, 14,
+                           "test")
 
 
 def manager_for(config, tmp_path):
-    return train.TrainingManager(config, CPU, make_logger(config, tmp_path))
+    return train.TrainingManager(run.build_config(config), CPU, make_logger(config, tmp_path))
 
 
 def losses_of(manager, steps):
@@ -80,32 +86,60 @@ def losses_of(manager, steps):
 
 
 def test_schedule_stages_and_factors(config):
-    s = train.Schedule(config)
+    s = run.build_config(config).schedule
+    plans = [s.at(i) for i in range(14)]
     assert s.total == 14 and s.micro_batch_tokens == 128 and s.untie_step == 6
-    assert [s.tokens(i) for i in (0, 3, 4, 8, 13)] == [128, 128, 256, 256, 256]
-    assert [s.accumulation_steps(i) for i in (0, 4)] == [1, 2]
-    assert [s.windows(i) for i in (0, 4, 8, 11, 12)] == [(1, 2), (1, 3), (2, 4), (2, 4), (2, 5)]
-    assert s.validation_windows() == (3, 6)
-    assert [i for i in range(14) if s.is_transition(i)] == [4, 8, 12]
-    assert s.stages() == [(0, 4), (4, 8), (8, 12), (12, 14)]
+    assert [plans[i].tokens for i in (0, 3, 4, 8, 13)] == [128, 128, 256, 256, 256]
+    assert [plans[i].accumulation for i in (0, 4)] == [1, 2]
+    assert [plans[i].windows for i in (0, 4, 8, 11, 12)] == [(1, 2), (1, 3), (2, 4), (2, 4),
+                                                              (2, 5)]
+    assert [p.stage for p in plans] == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 2
+    assert s.validation_windows == (3, 6)
+    assert [p.step for p in plans if p.transition] == [4, 8, 12]
+    assert [p.untied for p in plans] == [False] * 6 + [True] * 8
+    assert s.spans() == [(0, 4), (4, 8), (8, 12), (12, 14)]
     # flat for the first half, then linear to final_lr_ratio, times the stage multiplier
-    assert s.lr_factor(0) == 1.0 and s.lr_factor(5) == pytest.approx(1.52)
-    assert s.lr_factor(9) == pytest.approx((1 + 0.5 * (0.1 - 1)) * 1.73)
-    assert s.lr_factor(12) == s.lr_factor(13) == pytest.approx(0.1 * 1.73)
-    assert [s.momentum(i) for i in (0, 3, 11, 12, 13)] == pytest.approx(
+    assert plans[0].lr_factor == 1.0 and plans[5].lr_factor == pytest.approx(1.52)
+    assert plans[9].lr_factor == pytest.approx((1 + 0.5 * (0.1 - 1)) * 1.73)
+    assert plans[12].lr_factor == plans[13].lr_factor == pytest.approx(0.1 * 1.73)
+    assert [plans[i].momentum for i in (0, 3, 11, 12, 13)] == pytest.approx(
         [0.85, 0.95, 0.95, 0.95, 0.90])
+
+
+def test_a_stage_that_changes_nothing_is_no_transition(config):
+    stages = config["schedule"]["stages"]
+    config["schedule"]["stages"] = (*stages[:3], dict(stages[3], windows=(2, 4)))
+    s = run.build_config(config).schedule
+    assert [i for i in range(14) if s.at(i).transition] == [4, 8]
+    assert s.spans() == [(0, 4), (4, 8), (8, 12), (12, 14)]
 
 
 def test_config_rejects_val_tokens_off_the_micro_batch(config):
     config["training_config"]["val_tokens"] = 300
     with pytest.raises(utils.ConfigError, match="val_tokens \\(300\\) must be a positive multiple"):
-        train.validate_config(config)
+        run.build_config(config)
 
 
-def test_schedule_rejects_bad_batches(config):
-    config["batch_schedule"]["tokens"] = (128, 200, 256)
+def test_schedule_rejects_bad_tables(config):
+    stages = config["schedule"]["stages"]
+    config["schedule"]["stages"] = (stages[0], dict(stages[1], tokens=200), *stages[2:])
     with pytest.raises(utils.ConfigError, match="200 is not a multiple of the micro-batch"):
-        train.validate_config(config)
+        run.build_config(config)
+    config["schedule"]["stages"] = (stages[0], dict(stages[1], duration=0.5), *stages[2:])
+    with pytest.raises(utils.ConfigError, match="durations sum to 1.1666"):
+        run.build_config(config)
+    config["schedule"]["stages"] = stages[:3]
+    with pytest.raises(utils.ConfigError, match="the last row is the extension"):
+        run.build_config(config)
+    config["schedule"]["stages"] = (stages[0], dict(stages[1], windows=(0, 3)), *stages[2:])
+    with pytest.raises(utils.ConfigError, match="two positive ints"):
+        run.build_config(config)
+    config["schedule"]["stages"] = (stages[0], dict(stages[1], mtp=1), *stages[2:])
+    with pytest.raises(utils.ConfigError, match=r"stages\[1\]: unknown keys \['mtp'\]"):
+        run.build_config(config)
+    config["schedule"].update(stages=stages, num_scheduled_iterations=2)
+    with pytest.raises(utils.ConfigError, match="a stage gets no steps of the 2 scheduled"):
+        run.build_config(config)
 
 
 # -- the step ----------------------------------------------------------------------------------
@@ -116,7 +150,7 @@ def test_gradient_accumulation_equals_one_big_batch(config, tmp_path):
     # of the same four: same documents, so the mean loss and gradient must agree.
     manager = manager_for(config, tmp_path)
     model = manager.model
-    model.set_windows(1, 2)
+    model.yarn.set_windows((1, 2))
     batches = [manager.train_loader.next_batch() for _ in range(4)]
     for inputs, targets in batches:
         (model(inputs, targets) / 4).backward()
@@ -138,26 +172,32 @@ def test_smoke_run_is_bit_reproducible(config, tmp_path):
 
 def test_transitions_happen_at_their_steps(config, tmp_path):
     manager = manager_for(config, tmp_path)
-    calls = []
-    set_windows = manager.model.set_windows
-    manager.model.set_windows = lambda *a, **k: (calls.append((manager.step, a)),
-                                                 set_windows(*a, **k))
-    freqs_before = manager.model.rotary_freqs.clone()
+    yarn = manager.model.yarn
+    changes = []
+    set_windows = yarn.set_windows
+
+    def recording(windows, **kwargs):
+        if tuple(windows) != yarn.current:
+            changes.append((manager.step, tuple(windows)))
+        set_windows(windows, **kwargs)
+
+    yarn.set_windows = recording
+    freqs_before = yarn.rotary_freqs.clone()
     losses_of(manager, 4)
-    assert calls == [(0, (1, 2))]
-    assert torch.equal(manager.model.rotary_freqs, freqs_before)  # the first set: no YaRN
+    assert changes == [(0, (1, 2))]
+    assert torch.equal(yarn.rotary_freqs, freqs_before)  # the first set: no YaRN
     scalars = [p for p in manager.model.parameters() if p.label in ("scalar", "gate")]
     before = [p.detach().clone() for p in scalars]
     manager.train_step()  # step 4: window 2 -> 3 (YaRN) and the scalar freeze starts
-    assert calls[-1] == (4, (1, 3))
-    assert not torch.equal(manager.model.rotary_freqs, freqs_before)
-    assert manager.model.attn_scale.item() == pytest.approx(
+    assert changes[-1] == (4, (1, 3))
+    assert not torch.equal(yarn.rotary_freqs, freqs_before)
+    assert yarn.attn_scale.item() == pytest.approx(
         config["model_config"]["attn_scale"] * (1 + 0.2 * math.log(3 / 2)))
     manager.train_step()  # step 5: still frozen (2 steps)
     assert all(torch.equal(p, b) for p, b in zip(scalars, before, strict=True))
     manager.train_step()  # step 6: thawed, and the embedding is untied
     assert not all(torch.equal(p, b) for p, b in zip(scalars, before, strict=True))
-    assert not manager.model.tied
+    assert not manager.model.tie.tied
 
 
 def test_untie_copies_optimizer_state(config, tmp_path):
@@ -165,8 +205,8 @@ def test_untie_copies_optimizer_state(config, tmp_path):
     losses_of(manager, 6)  # steps 0..5, tied
     head = manager.model.lm_head
     head_state = manager.optimizer.state_dict()
-    manager.apply_schedule(6)
-    assert not manager.model.tied
+    manager.apply(manager.schedule.at(6))
+    assert not manager.model.tie.tied
     assert torch.equal(manager.model.embed, head)
     entries = {p["name"]: p["state"] for p in manager.optimizer.state_dict()["params"]}
     saved_head = next(p["state"] for p in head_state["params"] if p["name"] == "lm_head")
@@ -181,10 +221,10 @@ def test_tied_weights_stay_equal_and_untied_ones_part(config, tmp_path):
     head_before = manager.model.lm_head.detach().clone()
     losses_of(manager, 6)  # steps 0..5, tied
     model = manager.model
-    assert model.tied and not torch.equal(model.lm_head, head_before)
+    assert model.tie.tied and not torch.equal(model.lm_head, head_before)
     assert torch.equal(model.embed, model.lm_head)
     losses_of(manager, 2)  # steps 6 and 7, untied
-    assert not model.tied and not torch.equal(model.embed, model.lm_head)
+    assert not model.tie.tied and not torch.equal(model.embed, model.lm_head)
 
 
 def test_resume_equals_uninterrupted(config, tmp_path):
@@ -206,7 +246,7 @@ def test_warmup_restores_the_initial_state(config, tmp_path):
     plain = losses_of(manager_for(config, tmp_path), 8)
     warmed = manager_for(config, tmp_path)
     warmed.warmup()
-    assert warmed.model.tied and warmed.step == 0
+    assert warmed.model.tie.tied and warmed.step == 0 and warmed.model.yarn.current is None
     assert losses_of(warmed, 8) == plain
 
 
@@ -219,7 +259,7 @@ def test_warmup_after_resuming_an_untied_run(config, tmp_path):
     resumed = manager_for(config, tmp_path)
     resumed.load_checkpoint(path)
     resumed.warmup()
-    assert not resumed.model.tied and resumed.step == 7
+    assert not resumed.model.tie.tied and resumed.step == 7
     assert losses_of(resumed, 3) == expected[7:]
 
 
@@ -260,7 +300,7 @@ def test_interrupt_saves_a_checkpoint(config, tmp_path):
 
 
 def test_full_run_writes_a_record(config, tmp_path, monkeypatch):
-    result = train.run_training(config, config_path="test")
+    result = run.run(run.build_config(config), config_path="test")
     assert result == 0
     (folder,) = (tmp_path / "records").iterdir()
     (figures,) = folder.glob("*.json")
@@ -278,10 +318,10 @@ def test_resumed_run_continues_its_log_and_record(config, tmp_path):
     log holding both parts, and the record counts the train time of both."""
     tc = config["training_config"]
     tc.update(early_stop_steps=5, checkpoint_every=5)
-    assert train.run_training(config, config_path="test") == 0
+    assert run.run(run.build_config(config), config_path="test") == 0
     (log,) = (tmp_path / "logs").glob("*.txt")
     tc.update(early_stop_steps=None, checkpoint_every=0)
-    assert train.run_training(config, resume=tmp_path / "ckpt" / "cpu_step000005.pt") == 0
+    assert run.run(run.build_config(config), resume=tmp_path / "ckpt" / "cpu_step000005.pt") == 0
     assert list((tmp_path / "logs").glob("*.txt")) == [log]
     text = log.read_text()
     assert "step 5/14 loss" in text and "resumed from" in text and "step 14/14 loss" in text
@@ -295,13 +335,13 @@ def test_resumed_run_continues_its_log_and_record(config, tmp_path):
 def test_unreadable_checkpoint_is_named(config, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    assert train.run_training(config, resume=bad) == 2
+    assert run.run(run.build_config(config), resume=bad) == 2
     assert f"cannot read checkpoint {bad}" in capsys.readouterr().err
 
 
 def test_early_stopped_run_writes_no_record(config, tmp_path):
     config["training_config"]["early_stop_steps"] = 3
-    assert train.run_training(config, config_path="test") == 0
+    assert run.run(run.build_config(config), config_path="test") == 0
     assert not (tmp_path / "records").exists()
 
 
@@ -344,6 +384,7 @@ def test_benchmark_mode_reports_every_stage(config, tmp_path):
     (written,) = tmp_path.glob("*_benchmark.json")
     result = json.loads(written.read_text())
     assert [r["steps"] for r in result["stages"]] == ["0-3", "4-7", "8-11", "12-13"]
+    assert manager.step == 0  # the benchmark times the stages without moving the run
     assert [r["tokens_per_step"] for r in result["stages"]] == [128, 256, 256, 256]
     for row in result["stages"]:
         assert row["ms_per_step"] > 0 and 0 < row["optimizer_share"] < 1
@@ -361,8 +402,7 @@ def test_git_commit_marks_a_modified_checkout(tmp_path, monkeypatch):
     (tmp_path / "a.py").write_text("x = 1\n")
     git("add", "a.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
-    monkeypatch.setattr(train, "REPO_ROOT", tmp_path)
-    clean = train.git_commit()
+    clean = git_commit(tmp_path)
     assert len(clean) == 40
     (tmp_path / "a.py").write_text("x = 2\n")
-    assert train.git_commit() == clean + "-dirty"
+    assert git_commit(tmp_path) == clean + "-dirty"

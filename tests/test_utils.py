@@ -45,13 +45,13 @@ class FakeDriverUtils:
 
 
 def test_consumer_blackwell_gets_its_real_shared_memory_limit():
-    rtx = utils.DeviceInfo("cuda", "RTX 5090", "blackwell_consumer", (12, 0), 32.0, 101376,
+    rtx = utils.DeviceInfo("cuda", "RTX 5090", "blackwell_consumer", (12, 0), 101376,
                            209.5)
     driver_utils = FakeDriverUtils()
     assert utils.patch_triton_shared_memory(rtx, driver_utils)
     assert driver_utils.get_device_properties(0) == {"max_shared_mem": 101376,
                                                      "multiprocessor_count": 170}
-    h100 = utils.DeviceInfo("cuda", "H100", "hopper", (9, 0), 80.0, 232448, 989.0)
+    h100 = utils.DeviceInfo("cuda", "H100", "hopper", (9, 0), 232448, 989.0)
     untouched = FakeDriverUtils()
     assert not utils.patch_triton_shared_memory(h100, untouched)
     assert untouched.get_device_properties(0)["max_shared_mem"] == 232448

@@ -1,0 +1,59 @@
+"""layers/masks.py: the attention rule as a dense mask and as FlexAttention block masks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+
+from data.shards import BOS_ID
+from layers.masks import block_attention_masks, dense_attention_mask, document_ids
+
+
+def tokens(n, doc_starts=(0,), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50000, (n,), generator=g)
+    x[list(doc_starts)] = BOS_ID
+    return x
+
+
+def brute_force_mask(docs, window, block):
+    T = len(docs)
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    for q in range(T):
+        for k in range(q + 1):
+            mask[q, k] = docs[q] == docs[k] and q // block - k // block < window
+    return mask
+
+
+def test_dense_mask_is_the_rule():
+    x = tokens(64, doc_starts=(0, 5, 30, 31, 47))
+    docs = document_ids(x)
+    for window in (1, 2, 3, 10):
+        assert torch.equal(dense_attention_mask(docs, window, 8),
+                           brute_force_mask(docs.tolist(), window, 8))
+
+
+@pytest.mark.parametrize("window", [1, 2, 5])
+def test_block_mask_matches_dense_mask(window):
+    x = tokens(128, doc_starts=(0, 5, 30, 31, 47, 64, 100))
+    docs = document_ids(x)
+    (block_mask,) = block_attention_masks(docs, [window], 16)
+    assert torch.equal(block_mask.to_dense().bool()[0, 0].repeat_interleave(16, 0)
+                       .repeat_interleave(16, 1) & brute_force_mask(docs.tolist(), window, 16),
+                       brute_force_mask(docs.tolist(), window, 16))
+    # FlexAttention (whose forward runs on the CPU) and SDPA with the dense mask agree
+    q, k, v = torch.randn(3, 1, 2, 128, 32).unbind(0)
+    flex = flex_attention(q, k, v, block_mask=block_mask, scale=0.1)
+    dense = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=dense_attention_mask(docs, window, 16), scale=0.1)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_block_mask_skips_blocks_outside_window_and_documents():
+    x = tokens(128, doc_starts=(0, 64))  # two documents of four 16-token blocks each
+    (block_mask,) = block_attention_masks(document_ids(x), [2], 16)
+    kv_num = block_mask.kv_num_blocks[0, 0].tolist()
+    full_num = block_mask.full_kv_num_blocks[0, 0].tolist()
+    # the first block of each document has only its diagonal (partial) block
+    assert [kv_num[i] + full_num[i] for i in range(8)] == [1, 2, 2, 2, 1, 2, 2, 2]
+    assert full_num == [0, 1, 1, 1, 0, 1, 1, 1]
