@@ -2,11 +2,13 @@
 
 After compile and warm-up, each stage of the schedule is timed for
 ``training_config.benchmark_steps`` steps, after two untimed ones, with CUDA events (or
-synchronised clocks on the CPU); the table reports medians. The optimizer step (with the
-embedding tie's fold and copy) is timed on its own to give its share of the step. The same
-figures go to a JSON file beside the run's log. It trains on real batches but is not a
-training run: no validation, no record. Under torchrun every rank runs it and rank 0 reports:
-tokens/s count all ranks' tokens, MFU is per GPU.
+synchronised clocks on the CPU); the table reports means (Adam steps every
+``schedule.adam_every`` steps, so consecutive steps differ; an even number are timed). The
+optimizer step (with the embedding tie's fold and copy) is timed on its own to give its share
+of the step. The projected train time is the sum over the stages of their steps times their
+mean step time. The same figures go to a JSON file beside the run's log. It trains on real
+batches but is not a training run: no validation, no record. Under torchrun every rank runs it
+and rank 0 reports: tokens/s count all ranks' tokens, MFU is per GPU.
 """
 
 import json
@@ -39,20 +41,20 @@ class StepTimer:
 
 
 def time_stage(manager, plan, steps, timer):
-    """Median step and optimizer milliseconds of ``steps`` steps of ``plan``, after
-    UNTIMED_STEPS untimed ones."""
+    """Mean step and optimizer milliseconds of ``steps`` steps of ``plan``, after
+    UNTIMED_STEPS untimed ones; Adam steps as often as in the run (schedule.adam_every)."""
     step_ms, optimizer_ms = [], []
     for i in range(UNTIMED_STEPS + steps):
         start = timer.mark()
         manager.accumulate(plan)
         middle = timer.mark()
-        manager.optimizer_step()
+        manager.optimizer_step(manager.schedule.at(plan.step + i).adam)
         end = timer.mark()
         if i >= UNTIMED_STEPS:
             step_ms.append((start, end))
             optimizer_ms.append((middle, end))
-    return (statistics.median(timer.elapsed_ms(a, b) for a, b in step_ms),
-            statistics.median(timer.elapsed_ms(a, b) for a, b in optimizer_ms))
+    return (statistics.mean(timer.elapsed_ms(a, b) for a, b in step_ms),
+            statistics.mean(timer.elapsed_ms(a, b) for a, b in optimizer_ms))
 
 
 def stage_plan(manager, first):
@@ -73,9 +75,9 @@ def profile_last_stage(manager, steps=3, rows=25):
     first, _ = manager.schedule.spans()[-1]
     plan = stage_plan(manager, first)
     with profile(activities=activities) as prof:
-        for _ in range(steps):
+        for i in range(steps):
             manager.accumulate(plan)
-            manager.optimizer_step()
+            manager.optimizer_step(manager.schedule.at(plan.step + i).adam)
         if cuda:
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -89,7 +91,8 @@ def run_benchmark(manager, profile=False):
     cuda = manager.device.kind == "cuda"
     compile_s = manager.warmup() if manager.config.compile.enabled else 0.0
     timer = StepTimer(cuda)
-    steps = manager.tc.benchmark_steps
+    every = manager.schedule.config.adam_every
+    steps = -(-manager.tc.benchmark_steps // every) * every  # whole Adam periods
     schedule = manager.schedule
     rows = []
     for first, end in schedule.spans():
@@ -100,7 +103,7 @@ def run_benchmark(manager, profile=False):
         plan = stage_plan(manager, first)
         step_ms, optimizer_ms = time_stage(manager, plan, steps, timer)
         short, long = plan.windows
-        row = {"stage": len(rows) + 1, "steps": f"{first}-{end - 1}",
+        row = {"stage": len(rows) + 1, "steps": f"{first}-{end - 1}", "num_steps": end - first,
                "tokens_per_step": plan.tokens, "accumulation": plan.accumulation,
                "windows": f"{short}/{long}", "ms_per_step": step_ms,
                "tokens_per_s": plan.tokens / step_ms * 1000,
@@ -112,10 +115,16 @@ def run_benchmark(manager, profile=False):
             row["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
             row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
         rows.append(row)
+    # a stage too short to time (under 2 steps) counts at the last timed stage's rate
+    projected = sum(r["num_steps"] * r["ms_per_step"] for r in rows) / 1000
+    untimed = schedule.total - sum(r["num_steps"] for r in rows)
+    if untimed and rows:
+        projected += untimed * rows[-1]["ms_per_step"] / 1000
     result = {"device": manager.device.name, "world_size": manager.world.world_size,
               "torch": torch.__version__,
               "compile_and_warmup_s": compile_s, "timed_steps_per_stage": steps,
-              "micro_batch_tokens": schedule.micro_batch_tokens, "stages": rows}
+              "micro_batch_tokens": schedule.micro_batch_tokens, "stages": rows,
+              "projected_train_time_s": projected, "total_steps": schedule.total}
     for line in format_table(result):
         log(line)
     if manager.world.is_main:
@@ -132,7 +141,7 @@ def format_table(result):
         return "-" if value is None else format(value, fmt)
 
     yield (f"benchmark on {result['world_size']} x {result['device']} (torch "
-           f"{result['torch']}), medians of "
+           f"{result['torch']}), means of "
            f"{result['timed_steps_per_stage']} steps, micro-batch "
            f"{result['micro_batch_tokens']:,} tokens, compile + warm-up "
            f"{result['compile_and_warmup_s']:.0f}s")
@@ -145,3 +154,5 @@ def format_table(result):
                f"{r['tflops']:>8.1f} {cell(r['mfu'], '>6.1%')} "
                f"{r['optimizer_share']:>6.1%} {cell(r['peak_allocated_gb'], '>9.1f')} "
                f"{cell(r['peak_reserved_gb'], '>8.1f')}")
+    yield (f"projected train time: {result['projected_train_time_s']:.1f}s for the "
+           f"{result['total_steps']} steps (each stage's steps x its mean step time)")

@@ -14,9 +14,12 @@ row, with dc the softcap's slope, S = sum(e) and t the target,
     d loss / d z = e * dc / S - dc_t * onehot(t),
 
 so the kernel writes q = e * dc as it reads (the logits' own buffer in bf16), sums e, and ends
-with the loss log(S) + cap - c_t, 1 / S and dc_t. The backward pass scales rows by 1 / S around
-the matmuls and subtracts the one-hot part as a gather (input gradient) and a scatter-add
-(weight gradient) of T rows.
+with log(S) + cap and 1 / S; the targets' c_t and dc_t are gathered before it (the loss of a
+row is log(S) + cap - c_t). The backward pass scales rows by 1 / S around the matmuls and
+subtracts the one-hot part as a gather (input gradient) and a scatter-add (weight gradient) of
+T rows. A row may have several targets with weights (multi-token and prefix-token
+prediction): the loss is then sum_j w_j (log(S) + cap - c_j), the gradient
+(sum_j w_j) q / S - sum_j w_j dc_j onehot(t_j), one gather and scatter-add a target.
 
 With ``fp8`` on a GPU of compute capability 8.9 or later the three matmuls run in float8
 (torch._scaled_mm): hidden and W in e4m3 with one dynamic scale each, q in e5m2 with a fixed
@@ -67,22 +70,39 @@ def grad_bound(cap: float, temp: float, tanh: bool) -> float:
     return 1.0 if tanh else cap / (4.0 * temp)
 
 
-def loss_and_factors(logits, targets, cap, shift, temp, tanh):
-    """What the Triton kernel computes, by plain PyTorch ops in float32 (for the CPU and for
-    tests): the per-row loss, q = exp(c - cap) * dc, 1 / sum(exp(c - cap)) per row and the
-    target's slope dc_t, such that d loss_row / d z = q / S - dc_t * onehot."""
-    z = logits.float()
-    capped = softcap(z, cap, shift, temp, tanh)
+def capped_and_slope(z: Tensor, cap, shift, temp, tanh) -> tuple[Tensor, Tensor]:
+    """Softcapped float32 logits c and their slope dc / dz."""
+    capped = softcap(z.float(), cap, shift, temp, tanh)
     if tanh:
-        slope = 1.0 - (capped / cap) ** 2
-    else:
-        s = capped / cap
-        slope = (cap / temp) * s * (1.0 - s)
+        return capped, 1.0 - (capped / cap) ** 2
+    s = capped / cap
+    return capped, (cap / temp) * s * (1.0 - s)
+
+
+def row_factors(logits, cap, shift, temp, tanh):
+    """What the Triton kernel computes, by plain PyTorch ops in float32 (for the CPU and for
+    tests): per row log S + cap, with S = sum(exp(c - cap)), then q = exp(c - cap) * dc and
+    1 / S."""
+    capped, slope = capped_and_slope(logits, cap, shift, temp, tanh)
     e = torch.exp(capped - cap)
     total = e.sum(-1)
-    rows = torch.arange(len(targets), device=logits.device)
-    loss = torch.log(total) + cap - capped[rows, targets]
-    return loss, e * slope, 1.0 / total, slope[rows, targets]
+    return torch.log(total) + cap, e * slope, 1.0 / total
+
+
+def target_terms(logits, targets, weights, cap, shift, temp, tanh):
+    """Softcapped logits and slopes at the (T, J) targets (a negative target is absent: its
+    weight must be 0). With base = log S + cap, row i's loss is sum_j w_ij (base_i - c_ij) and
+    d loss_i / d z = W_i q / S - sum_j w_ij dc_ij onehot(t_ij), W_i = sum_j w_ij."""
+    picked = logits.gather(1, targets.clamp_min(0))
+    return capped_and_slope(picked, cap, shift, temp, tanh)
+
+
+def loss_and_factors(logits, targets, weights, cap, shift, temp, tanh):
+    """The per-row loss and the gradient's factors q, 1 / S and the targets' slopes, by plain
+    PyTorch ops (``row_factors`` and ``target_terms``)."""
+    base, q, inv_sum = row_factors(logits, cap, shift, temp, tanh)
+    capped, slope = target_terms(logits, targets, weights, cap, shift, temp, tanh)
+    return (weights * (base[:, None] - capped)).sum(-1), q, inv_sum, slope
 
 
 if triton is not None:
@@ -97,13 +117,12 @@ if triton is not None:
         return cap * s, cap * inv_temp * s * (1.0 - s)
 
     @triton.jit
-    def _loss_grad_kernel(logits_ptr, targets_ptr, loss_ptr, inv_sum_ptr, slope_ptr, q_ptr,
-                          rows, V, stride, q_stride, cap, shift, inv_temp, q_scale,
-                          TANH: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-        """BLOCK_R rows in one pass over the vocabulary: their loss, 1 / S and dc_t, and (if
+    def _loss_grad_kernel(logits_ptr, base_ptr, inv_sum_ptr, q_ptr, rows, V, stride, q_stride,
+                          cap, shift, inv_temp, q_scale, TANH: tl.constexpr,
+                          WRITE_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """BLOCK_R rows in one pass over the vocabulary: their log S + cap and 1 / S, and (if
         WRITE_Q) q_scale * q. q_ptr may be logits_ptr: each tile is read before this program
-        overwrites it, and the target logits before the pass."""
+        overwrites it."""
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         valid = r < rows
         r64 = r.to(tl.int64)
@@ -111,9 +130,6 @@ if triton is not None:
         shift = tl.cast(shift, tl.float32)
         inv_temp = tl.cast(inv_temp, tl.float32)
         scale = tl.cast(q_scale, tl.float32)
-        target = tl.load(targets_ptr + r, mask=valid, other=0)
-        z_target = tl.load(logits_ptr + r64 * stride + target, mask=valid, other=0.0)
-        c_target, dc_target = _capped(z_target.to(tl.float32), cap, shift, inv_temp, TANH)
         total = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for start in range(0, V, BLOCK_C):
             cols = start + tl.arange(0, BLOCK_C)
@@ -126,9 +142,8 @@ if triton is not None:
             if WRITE_Q:
                 q = (scale * e * dc).to(q_ptr.dtype.element_ty)
                 tl.store(q_ptr + r64[:, None] * q_stride + cols[None, :], q, mask=inside)
-        tl.store(loss_ptr + r, tl.log(total) + cap - c_target, mask=valid)
+        tl.store(base_ptr + r, tl.log(total) + cap, mask=valid)
         tl.store(inv_sum_ptr + r, 1.0 / total, mask=valid)
-        tl.store(slope_ptr + r, dc_target, mask=valid)
 
     @triton.jit
     def _transpose_kernel(src_ptr, dst_ptr, rows, cols, src_stride, dst_stride,
@@ -164,20 +179,20 @@ def kernel_transpose(x: Tensor) -> Tensor:
     return out
 
 
-def kernel_loss_and_factors(logits, targets, cap, shift, temp, tanh, q=None, q_scale=1.0):
-    """The Triton kernel on (T, V) logits: returns the float32 per-row loss, 1 / S and dc_t,
-    and when ``q`` (a (T, V) buffer, possibly ``logits`` itself) is given, fills it with
+def kernel_row_factors(logits, cap, shift, temp, tanh, q=None, q_scale=1.0):
+    """The Triton kernel on (T, V) logits: returns the float32 log S + cap and 1 / S of each
+    row, and when ``q`` (a (T, V) buffer, possibly ``logits`` itself) is given, fills it with
     q_scale * q."""
     rows, vocab = logits.shape
-    loss, inv_sum, slope = (torch.empty(rows, device=logits.device, dtype=torch.float32)
-                            for _ in range(3))  # separate: op outputs may not alias
+    base, inv_sum = (torch.empty(rows, device=logits.device, dtype=torch.float32)
+                     for _ in range(2))  # separate: op outputs may not alias
     q_out = logits if q is None else q
     grid = (triton.cdiv(rows, BLOCK_ROWS),)
     _loss_grad_kernel[grid](
-        logits, targets, loss, inv_sum, slope, q_out, rows, vocab, logits.stride(0),
-        q_out.stride(0), cap, shift, 1.0 / temp, q_scale, TANH=tanh, WRITE_Q=q is not None,
-        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, num_warps=LOSS_WARPS)
-    return loss, inv_sum, slope
+        logits, base, inv_sum, q_out, rows, vocab, logits.stride(0), q_out.stride(0), cap,
+        shift, 1.0 / temp, q_scale, TANH=tanh, WRITE_Q=q is not None, BLOCK_R=BLOCK_ROWS,
+        BLOCK_C=BLOCK_COLS, num_warps=LOSS_WARPS)
+    return base, inv_sum
 
 
 def use_fp8(hidden: Tensor, weight: Tensor, fp8: bool) -> bool:
@@ -203,19 +218,20 @@ def _fp8_grad_scale(cap, temp, tanh) -> float:
 
 
 @torch.library.custom_op("speedrun::linear_softcap_ce", mutates_args=())
-def _linear_softcap_ce(hidden: Tensor, weight: Tensor, targets: Tensor, x8: Tensor,
-                       x_scale: Tensor, w8: Tensor, w_scale: Tensor, cap: float, shift: float,
-                       temp: float, tanh: bool, with_grad: bool
+def _linear_softcap_ce(hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor,
+                       x8: Tensor, x_scale: Tensor, w8: Tensor, w_scale: Tensor, cap: float,
+                       shift: float, temp: float, tanh: bool, with_grad: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mean loss of softcap(hidden @ weight.T), and (when ``with_grad``) the factors of its
-    gradient: q (scaled by ``_q_scale``), 1 / S and dc_t. The matmul runs in float8 when the
-    float8 operands x8 and w8 are given (not empty)."""
+    """The loss of softcap(hidden @ weight.T) at the (T, J) targets with their weights, summed
+    over the targets of a row and averaged over the rows; and (when ``with_grad``) the factors
+    of its gradient: q (scaled by ``_q_scale``), 1 / S and the targets' slopes. The matmul runs
+    in float8 when the float8 operands x8 and w8 are given (not empty)."""
     def empty():  # outputs may not alias each other
         return hidden.new_empty(0)
 
     if not hidden.is_cuda or triton is None:
-        loss, q, inv_sum, slope = loss_and_factors(hidden @ weight.t(), targets, cap, shift,
-                                                   temp, tanh)
+        loss, q, inv_sum, slope = loss_and_factors(hidden @ weight.t(), targets, weights, cap,
+                                                   shift, temp, tanh)
         if not with_grad:
             return loss.mean(), empty(), empty(), empty()
         return loss.mean(), q.to(hidden.dtype), inv_sum, slope
@@ -228,11 +244,14 @@ def _linear_softcap_ce(hidden: Tensor, weight: Tensor, targets: Tensor, x8: Tens
     else:
         logits = hidden @ weight.t()
         q = logits if with_grad else None  # q overwrites the logits
-    loss, inv_sum, slope = kernel_loss_and_factors(logits, targets, cap, shift, temp, tanh, q,
-                                                   q_scale=_q_scale(x8, cap, temp, tanh))
+    # the targets' logits first: the kernel may write q over the logits
+    capped, slope = target_terms(logits, targets, weights, cap, shift, temp, tanh)
+    base, inv_sum = kernel_row_factors(logits, cap, shift, temp, tanh, q,
+                                       q_scale=_q_scale(x8, cap, temp, tanh))
+    loss = (weights * (base[:, None] - capped)).sum(-1).mean()
     if not with_grad:
-        return loss.mean(), empty(), empty(), empty()
-    return loss.mean(), q, inv_sum, slope
+        return loss, empty(), empty(), empty()
+    return loss, q, inv_sum, slope
 
 
 def _q_scale(x8, cap, temp, tanh) -> float:
@@ -240,14 +259,15 @@ def _q_scale(x8, cap, temp, tanh) -> float:
 
 
 @_linear_softcap_ce.register_fake
-def _(hidden, weight, targets, x8, x_scale, w8, w_scale, cap, shift, temp, tanh, with_grad):
+def _(hidden, weight, targets, weights, x8, x_scale, w8, w_scale, cap, shift, temp, tanh,
+      with_grad):
     loss = hidden.new_empty(()).float()
     if not with_grad:
         return loss, *(hidden.new_empty(0) for _ in range(3))
     dtype = torch.float8_e5m2 if x8.numel() else hidden.dtype
     q = hidden.new_empty(hidden.size(0), weight.size(0), dtype=dtype)
-    factor = hidden.new_empty(hidden.size(0), dtype=torch.float32)
-    return loss, q, factor, torch.empty_like(factor)
+    inv_sum = hidden.new_empty(hidden.size(0), dtype=torch.float32)
+    return loss, q, inv_sum, weights.new_empty(weights.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("speedrun::transposed", mutates_args=())
@@ -263,21 +283,22 @@ def _(x):
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, x8, x_scale, w8, w_scale, cap, shift, temp, tanh, _ = inputs
+    hidden, weight, targets, weights, x8, x_scale, w8, w_scale, cap, shift, temp, tanh, _ = inputs
     _, q, inv_sum, slope = output
-    ctx.save_for_backward(hidden, weight, targets, q, inv_sum, slope, w8, w_scale)
+    ctx.save_for_backward(hidden, weight, targets, weights, q, inv_sum, slope, w8, w_scale)
     ctx.q_scale = _q_scale(x8, cap, temp, tanh)
 
 
 def _backward(ctx, grad_loss, *_grads_of_factors):
-    """d loss / d logits = row_scale * q - target_scale * onehot(targets): the matmuls with q,
-    rows scaled on the side that is not summed over, then the one-hot part as a gather and a
-    scatter-add of T rows. Plain torch ops but for the transpose, so that inductor fuses
-    the scaling and casts around the matmuls."""
-    hidden, weight, targets, q, inv_sum, slope, w8, w_scale = ctx.saved_tensors
+    """d loss / d logits = row_scale * q - sum_j target_scale_j * onehot(targets_j): the
+    matmuls with q, rows scaled on the side that is not summed over, then the one-hot parts as
+    gathers and scatter-adds of T rows a target. Plain torch ops but for the transpose, so that
+    inductor fuses the scaling and casts around the matmuls."""
+    hidden, weight, targets, weights, q, inv_sum, slope, w8, w_scale = ctx.saved_tensors
     per_row = grad_loss.float() / hidden.size(0)  # the mean over rows
-    row_scale = (inv_sum * (per_row / ctx.q_scale))[:, None]
-    target_scale = (slope * per_row)[:, None]
+    row_scale = (inv_sum * weights.sum(-1) * (per_row / ctx.q_scale))[:, None]
+    target_scale = slope * weights * per_row
+    targets = targets.clamp_min(0)  # absent targets (weight 0) read row 0
     hidden32 = hidden.float()
     scaled_hidden = row_scale * hidden32
     if q.dtype == torch.float8_e5m2:
@@ -292,30 +313,41 @@ def _backward(ctx, grad_loss, *_grads_of_factors):
     else:
         q_w = (q @ weight.to(q.dtype)).float()
         q_h = (q.t() @ scaled_hidden.to(q.dtype)).float()
-    grad_hidden = q_w * row_scale - target_scale * weight[targets]
-    # atomic adds on CUDA, as in the embeddings' backward: fast, in no fixed order
-    grad_weight = q_h.index_add(0, targets, -target_scale * hidden32)
+    grad_hidden, grad_weight = q_w * row_scale, q_h
+    for j in range(targets.size(1)):
+        scale = target_scale[:, j:j + 1]
+        grad_hidden = grad_hidden - scale * weight[targets[:, j]]
+        # atomic adds on CUDA, as in the embeddings' backward: fast, in no fixed order
+        grad_weight = grad_weight.index_add(0, targets[:, j], -scale * hidden32)
     return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
-            *(None for _ in range(10)))
+            *(None for _ in range(11)))
 
 
 _linear_softcap_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
-def linear_softcap_cross_entropy(hidden, weight, targets, cap, shift, temp, tanh, fp8=False):
-    """Mean softcapped cross-entropy of the logits hidden (T, D) @ weight (V, D).T.
+def linear_softcap_cross_entropy(hidden, weight, targets, cap, shift, temp, tanh, fp8=False,
+                                 weights=None):
+    """Softcapped cross-entropy of the logits hidden (T, D) @ weight (V, D).T, averaged over
+    the rows. ``targets`` (T,), or (T, J) with ``weights`` (T, J): row i's loss is then
+    sum_j weights_ij CE(row i, targets_ij), a negative target being absent (weight 0). The
+    extra targets are those of multi-token and prefix-token prediction.
 
     One op: the Triton kernel on CUDA, ``loss_and_factors`` elsewhere. Computes the logits'
     gradient in the forward pass only when autograd will need it. The float8 operands are cast
     here, outside the op, so that inductor fuses their casts."""
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     hidden, weight = hidden.contiguous(), weight.contiguous()
+    if targets.dim() == 1:
+        targets = targets[:, None]
+        weights = torch.ones(targets.shape, device=targets.device)
     if use_fp8(hidden, weight, fp8):
         (x8, x_scale), (w8, w_scale) = to_float8(hidden), to_float8(weight)
     else:
         x8, x_scale, w8, w_scale = (hidden.new_empty(0) for _ in range(4))
-    return _linear_softcap_ce(hidden, weight, targets.contiguous(), x8, x_scale, w8, w_scale,
-                              float(cap), float(shift), float(temp), bool(tanh), with_grad)[0]
+    return _linear_softcap_ce(hidden, weight, targets.contiguous(), weights.float().contiguous(),
+                              x8, x_scale, w8, w_scale, float(cap), float(shift), float(temp),
+                              bool(tanh), with_grad)[0]
 
 
 class _Float8Linear(torch.autograd.Function):

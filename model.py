@@ -1,17 +1,27 @@
-"""The speedrun GPT: a GPT-2-small-class transformer with the tricks of the NanoGPT speedrun.
+"""The speedrun GPT: record #89 of modded-nanogpt (July 2026) on one GPU.
 
-Read top to bottom: the config (every key of ``model_config``), the block, and the GPT. The
-pieces live in ``layers/``, a module each: attention masks (``layers/masks.py``), rotary
-embedding and YaRN (``layers/rotary.py``), attention, the MLP, embeddings (value embeddings,
-the smear gate, the embedding tie) and residual routing (skips, backout). The lm_head and its
-softcapped cross-entropy are one op in ``kernels.py``. Every trick is switchable or sized from
-``model_config`` (config/base.py sets the strong defaults; README has the table).
+Read top to bottom: the config (every key of ``model_config``), ``build_model`` (which also
+builds record #55's model, ``model_record55.py``, for config/record55.py), and the GPT. The
+pieces live in ``layers/``: the attention rule as masks, rotary embedding and YaRN,
+``GatedAttention`` (paired heads, key offset, XSA, DC, gates), the MLP, the bigram hash
+embedding, value embeddings and the smear gate, the gate networks and dense connections
+(``layers/mudd.py``), and the prediction targets. The lm_head and its softcapped
+cross-entropy over those targets are one op in ``kernels.py``.
 
-Shapes: the model takes one packed sequence of T token ids (T a multiple of the attention
-block). Documents start with BOS (50256) and attend only within themselves. On CUDA the
-residual stream and activations are bf16 (``GPT.compute_dtype``), on the CPU float32.
+The layers, for the record's 11 (window_pattern "SSSLSS-SSSL"): 0, 2, 5, 9 paired heads; 3
+and 10 long windows with the key offset; 6 no attention, a gated skip from layer 3's output
+instead; 1, 3, 4, 7 gated XSA; 3 and 10 output gates; 10 DC; 1, 2, 8, 9, 10 value
+embeddings. Layers after 7 read layer 7's output as their attention input (what is left of
+the record's hyperconnections); the last layer mixes saved states through its dense
+connections, and so does the final state before the head. Each layer then updates the stream
+as x <- r_a x + p_a attn + g_x0 x0 + g_bigram bigram, and x <- r_m x + p_m mlp(norm x).
+
+Shapes: one packed sequence of T token ids (T a multiple of the attention block). Documents
+start with BOS and attend only within themselves. On CUDA the residual stream and activations
+are bf16, on the CPU float32.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,123 +29,193 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from layers.attention import CausalSelfAttention
+from layers.attention import GatedAttention
+from layers.bigram import BigramEmbedding
 from layers.core import make_param, norm
 from layers.embeddings import EmbeddingTie, SmearGate, ValueEmbeddings
+from layers.head import prediction_targets
 from layers.masks import attention_masks, document_ids
 from layers.mlp import ACTIVATIONS, MLP
-from layers.rotary import Yarn
-from layers.routing import Backout, SkipConnections
-from utils import ConfigError
+from layers.mudd import MUDD_SCALE, CoefficientNet, GateLayout, GateNetworks
+from layers.rotary import Yarn, rotary_tables
+from utils import ConfigError, build_section
+
+# the dense connections' initial coefficients (before MUDD_SCALE): the last layer keeps its
+# input (10 sqrt(1.1)), its attention and MLP outputs (10), adds the value embedding at
+# twice its strength (20) and a little of the bigram embedding (0.5); the final state loses
+# half of layer 7's (-5), the backout of record #55
+LAST_LAYER_BIAS = {6: 20.0, 7: 20.0, 8: 10 * math.sqrt(1.1), 9: 10.0, 11: 0.5,
+                   12: 10 * math.sqrt(1.1), 13: 10.0}
+FINAL_BIAS = {1: -5.0}
 
 
 @dataclass(frozen=True)
 class GPTConfig:
     """``model_config``; every key is required, so config/base.py is the one source."""
 
+    architecture: str  # "record89" (this model) or "record55" (model_record55.py)
     vocab_size: int  # 50257 for GPT-2 BPE
     vocab_multiple: int  # pad the vocabulary to a multiple of this (128: 50257 -> 50304)
     num_layers: int
     model_dim: int
     num_heads: int
     head_dim: int
-    ffn_dim: int  # MLP hidden width (per branch for the gated activations)
+    ffn_dim: int
     activation: str  # relu2 | gelu | silu | swiglu | geglu
     block_size: int  # FlexAttention block; windows are counted in these blocks
     window_pattern: str  # one letter a layer: L long window, S short window, - no attention
     attn_scale: float  # attention logit scale (with QK norm, ~0.1)
-    rope_base: float  # slowest rotary frequency is 1/rope_base radians per token
-    rope_fraction: float  # share of each head's dims that rotate (the rest carry no position)
-    yarn_alpha: float  # YaRN: dims turning fewer times than alpha over the old window stretch
-    yarn_beta: float  # YaRN: dims turning more times than beta keep their frequency
-    yarn_attn_factor: float  # YaRN: attention scale *= 1 + factor * ln(new / old)
+    rope_base: float
+    rope_fraction: float  # share of each head's dims that rotate
+    yarn_alpha: float
+    yarn_beta: float
+    yarn_attn_factor: float
     value_embed_layers: tuple  # one tuple of layer indices per value-embedding table
-    attn_gate: bool  # per-head sigmoid gate on the attention output
-    smear_gate: bool  # x_t += lambda * sigmoid(w . x_t[:12]) * x_{t-1} on the embedding
-    skip_connections: tuple  # (source layer, target layer) pairs of gated skips
-    backout_layer: int | None  # subtract lambda * (state after this layer) before the head
-    residual_init: float  # per-layer residual multiplier, learnable
-    x0_init: float  # per-layer multiplier of the embedding x0 added back, learnable
-    skip_lambda_init: float  # skip strength is sigmoid(lambda) * 2 sigmoid(gate)
-    backout_init: float
+    value_embed_init_std: float
+    paired_head_layers: tuple  # heads h and h + H/2 attend to each other's keys (#191)
+    xsa_layers: tuple  # gated exclusive self-attention (#264, #317)
+    attn_gate_layers: tuple  # output gated per head by the gate networks
+    dc_layers: tuple  # post-softmax cross-head mix (#315)
+    dc_window: int  # DC's window in tokens (at most block_size)
+    key_offset: bool  # long-window layers: the unrotated half of a key is its predecessor's
+    bigram_rows: int  # hash table of (previous, current) token pairs (#201); 0: none
+    bigram_sign_rows: int  # random +-1 vectors of the sign trick (#299)
+    gate_hidden: int  # hidden width of the gate networks
+    mudd_hidden: int  # hidden width of the dense connections' networks
+    post_gate_layer: int  # the second gate network reads the stream where this layer begins
+    shared_input_layer: int  # later layers take this layer's output as attention input
+    skip_source: int  # a layer without attention adds this layer's output instead
+    residual_init: float  # r_a, r_m at init (p_a, p_m start at 1)
+    skip_lambda_init: float  # the skip's strength is sigmoid(lambda) * gate
     logit_softcap: float
     softcap_form: str  # sigmoid: cap * sigmoid((z + shift) / temp); tanh: cap * tanh(z / cap)
     softcap_shift: float
     softcap_temp: float
-    fused_loss: bool  # lm_head + softcap + cross-entropy as one op, gradient in forward
-    fp8_lm_head: bool  # that op's matmuls in float8 on CUDA capability >= 8.9 (kernels.py)
+    prefix_prediction: bool  # build the GPT-2 prefix table for prefix-token prediction (#337)
+    fp8_lm_head: bool  # the lm_head's matmuls in float8 on CUDA capability >= 8.9
     fp8_mlp: bool  # the MLP's matmuls in float8 there too (kernels.linear)
     init_std: float  # matrices: uniform with std init_std / sqrt(fan_in)
-    lm_head_init_std: float  # the (tied) head/embedding: normal with this std
+    lm_head_init_std: float
+    mlp_proj_lr_mul: float  # the record's c_proj: its shape factor 2 times its own 2
 
     def __post_init__(self):
-        problems = []
-        pattern_ok = (len(self.window_pattern) == self.num_layers
-                      and not set(self.window_pattern) - set("LS-"))
-        if not pattern_ok:
+        L, problems = self.num_layers, []
+        if len(self.window_pattern) != L or set(self.window_pattern) - set("LS-"):
             problems.append(f"window_pattern {self.window_pattern!r} needs one of L, S, - for "
-                            f"each of the {self.num_layers} layers")
+                            f"each of the {L} layers")
         if self.activation not in ACTIVATIONS:
             problems.append(f"activation {self.activation!r} not in {sorted(ACTIVATIONS)}")
         if self.softcap_form not in ("sigmoid", "tanh"):
             problems.append(f"softcap_form {self.softcap_form!r} must be sigmoid or tanh")
-        if self.head_dim % 4:
-            problems.append("head_dim must be a multiple of 4 (rotary pairs)")
-        layers = [i for table in self.value_embed_layers for i in table]
-        if len(layers) != len(set(layers)) or any(not 0 <= i < self.num_layers for i in layers):
-            problems.append(f"value_embed_layers {self.value_embed_layers} must name distinct "
-                            f"layers in [0, {self.num_layers})")
-        for i in layers:
-            if pattern_ok and 0 <= i < self.num_layers and self.window_pattern[i] == "-":
-                problems.append(f"value embedding on layer {i}, which has no attention")
-        for src, dst in self.skip_connections:
-            if not 0 <= src < dst < self.num_layers:
-                problems.append(f"skip ({src}, {dst}) must go forward between layers")
-        if self.backout_layer is not None and not 0 <= self.backout_layer < self.num_layers:
-            problems.append(f"backout_layer {self.backout_layer} out of range")
+        if self.head_dim % 4 or self.num_heads % 2:
+            problems.append("head_dim must be a multiple of 4 and num_heads even")
+        if not 0 < self.dc_window <= self.block_size:
+            problems.append(f"dc_window {self.dc_window} must be in [1, block_size]")
+        attention = {i for i in range(L) if self.window_pattern[i:i + 1] in ("L", "S")}
+        last = L - 1
+        roles = {"value_embed_layers": [i for t in self.value_embed_layers for i in t],
+                 "paired_head_layers": self.paired_head_layers, "xsa_layers": self.xsa_layers,
+                 "attn_gate_layers": self.attn_gate_layers, "dc_layers": self.dc_layers}
+        for name, layers in roles.items():
+            if len(set(layers)) != len(layers) or not set(layers) <= attention:
+                problems.append(f"{name} {layers} must name distinct attention layers")
+        if set(self.paired_head_layers) & set(self.xsa_layers + self.dc_layers):
+            problems.append("XSA and DC need unpaired heads")
+        if self.dc_layers and not set(self.dc_layers) <= {last}:
+            problems.append("DC takes its mixes from the last layer's gates: only the last layer")
+        if last not in attention or self.window_pattern[last] != "L":
+            problems.append("the last layer (dense connections) needs the long window")
+        for name in ("post_gate_layer", "shared_input_layer", "skip_source"):
+            if not 0 < getattr(self, name) < last:
+                problems.append(f"{name} must be a layer between the first and the last")
         if problems:
             raise ConfigError("model_config: " + "; ".join(problems))
+
+    def receptive_field(self, windows) -> int:
+        """How many tokens back a token's output can depend on at ``windows`` (short, long) in
+        blocks: each attention layer reaches its window back (a paired layer half of it, in
+        rows), the key offset, the smear gate and the bigram hash one token more."""
+        c = self
+        reach = 2  # smear, bigram
+        for letter in c.window_pattern:
+            if letter != "-":
+                reach += (windows[1] if letter == "L" else windows[0]) * c.block_size + 1
+        return reach
 
     @property
     def padded_vocab(self):
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
+def model_config(values: dict):
+    """The typed ``model_config`` of either architecture."""
+    if isinstance(values, dict) and values.get("architecture") == "record55":
+        from model_record55 import Record55Config
+
+        return build_section(Record55Config, "model_config", values)
+    return build_section(GPTConfig, "model_config", values)
+
+
+def build_model(config) -> nn.Module:
+    if isinstance(config, GPTConfig):
+        return GPT(config)
+    from model_record55 import GPT55
+
+    return GPT55(config)
+
+
 class Block(nn.Module):
+    """A layer's attention (or none) and MLP, and its four residual scales."""
+
     def __init__(self, config: GPTConfig, layer: int, value_embed: bool):
         super().__init__()
-        self.window = config.window_pattern[layer]
-        self.attn = CausalSelfAttention(config, value_embed) if self.window != "-" else None
-        self.mlp = MLP(config)
-        # x = residual * x + x0_weight * x0 before the block, both learnable
-        self.mix = make_param(torch.tensor([config.residual_init, config.x0_init]), "scalar",
-                              wd_mul=0.0)
+        letter = config.window_pattern[layer]
+        self.window = letter
+        self.attn = None
+        if letter != "-":
+            self.attn = GatedAttention(
+                config, paired=layer in config.paired_head_layers,
+                key_offset=config.key_offset and letter == "L",
+                value_gate=value_embed and layer != config.num_layers - 1)
+        self.mlp = MLP(config, proj_lr_mul=config.mlp_proj_lr_mul)
+        if layer != config.num_layers - 1:  # the last layer's are its dense connections
+            self.residual = make_param(torch.full((2,), config.residual_init), "resid_lambda",
+                                       wd_mul=0.0)
+            self.post = make_param(torch.ones(2), "post_lambda", wd_mul=0.0)
 
-    def forward(self, x, x0, ve, masks, rotary, scale):
-        x = self.mix[0] * x + self.mix[1] * x0
-        if self.attn is not None:
-            x = x + self.attn(norm(x), ve, masks[self.window], rotary, scale)
-        return x + self.mlp(norm(x))
+    def mlp_update(self, x):
+        return self.residual[1].type_as(x) * x + self.post[1].type_as(x) * self.mlp(norm(x))
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        vocab, dim = config.padded_vocab, config.model_dim
+        vocab, dim, last = config.padded_vocab, config.model_dim, config.num_layers - 1
         self.lm_head = make_param(torch.randn(vocab, dim) * config.lm_head_init_std, "lm_head")
         self.embed = make_param(self.lm_head.detach().clone(), "embed")
         self.tie = EmbeddingTie(self.embed, self.lm_head)
-        self.smear = SmearGate() if config.smear_gate else None
-        self.skips = SkipConnections(config.skip_connections, config.skip_lambda_init)
-        self.backout = (Backout(config.backout_layer, config.backout_init)
-                        if config.backout_layer is not None else None)
-        self.value_embeds = ValueEmbeddings(vocab, dim, config.value_embed_layers)
-        self.blocks = nn.ModuleList(
-            [Block(config, i, i in self.value_embeds.table_of) for i in range(config.num_layers)])
+        self.smear = SmearGate(across_documents=True, gate_lr_mul=0.01, gate_wd_mul=0.0)
+        self.value_embeds = ValueEmbeddings(vocab, dim, config.value_embed_layers,
+                                            init_std=config.value_embed_init_std)
+        self.bigram = (BigramEmbedding(config.bigram_rows, dim, config.bigram_sign_rows)
+                       if config.bigram_rows else None)
+        attention = [i for i in range(config.num_layers) if config.window_pattern[i] != "-"]
+        standard = [i for i in attention if i != last]
+        skip_layers = [i for i in range(config.num_layers) if config.window_pattern[i] == "-"]
+        self.layout = GateLayout(config, standard, skip_layers)
+        self.gates = GateNetworks(config, self.layout)
+        self.skip_lambda = make_param(torch.tensor(config.skip_lambda_init), "scalar",
+                                      wd_mul=0.0)
+        self.blocks = nn.ModuleList([Block(config, i, i in self.value_embeds.table_of)
+                                     for i in range(config.num_layers)])
+        self.last_mix = CoefficientNet(dim, config.mudd_hidden, _bias(14, LAST_LAYER_BIAS),
+                                       "mudd")
+        self.final_mix = CoefficientNet(dim, config.mudd_hidden, _bias(5, FINAL_BIAS), "mudd")
         self.yarn = Yarn(config.head_dim, config.rope_fraction, config.rope_base,
                          config.attn_scale, config.block_size, config.yarn_alpha,
                          config.yarn_beta, config.yarn_attn_factor)
+        self.register_buffer("prefix_table", _prefix_table(config))
 
     def get_extra_state(self):
         return {"tied": self.tie.tied}
@@ -145,26 +225,27 @@ class GPT(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def forward(self, inputs: Tensor, targets: Tensor | None = None, docs: Tensor | None = None):
-        """inputs: (T,) token ids, T a multiple of the block size. Returns the mean loss over
-        the T targets, or the (T, vocab_size) logits when no targets are given.
-
-        ``docs`` (``document_ids(inputs)``) may be passed in: the trainer computes it outside
-        the compiled graph, where inductor cannot lower FlexAttention's mask_mod reading a
-        tensor computed inside the same graph (seen with torch 2.11 at T = 64K)."""
+    def forward(self, inputs: Tensor, targets: Tensor | None = None, docs: Tensor | None = None,
+                loss_weights: Tensor | None = None):
+        """inputs: (T,) token ids. Returns the loss (averaged over the T rows, each row's
+        targets weighted by ``loss_weights``: see ``layers.head.prediction_targets``; the next
+        token alone when None), or the (T, vocab_size) logits when no targets are given.
+        ``docs`` (``document_ids(inputs)``) may be passed in, computed outside a compiled
+        graph."""
         if docs is None:
             docs = document_ids(inputs)
-        hidden = self.hidden_states(inputs, docs)
-        # (T, D) rows: indexing (1, T, V) logits would cost a full copy of their gradient in
-        # the backward pass
-        hidden, head = hidden[0], self.lm_head.type_as(hidden)
-        if targets is not None and self.config.fused_loss:
-            return kernels.linear_softcap_cross_entropy(
-                hidden, head, targets, *self.softcap_args, fp8=self.config.fp8_lm_head)
-        logits = F.linear(hidden, head)
+        hidden = self.hidden_states(inputs, docs)[0]
+        head = self.lm_head.type_as(hidden)
         if targets is None:
-            return kernels.softcap(logits.float(), *self.softcap_args)[:, :self.config.vocab_size]
-        return kernels.softcap_cross_entropy_reference(logits, targets, *self.softcap_args)
+            logits = kernels.softcap(F.linear(hidden, head).float(), *self.softcap_args)
+            return logits[:, :self.config.vocab_size]
+        if loss_weights is not None:
+            targets, weights = prediction_targets(targets, loss_weights, self.prefix_table)
+        else:
+            weights = None
+        return kernels.linear_softcap_cross_entropy(hidden, head, targets, *self.softcap_args,
+                                                    fp8=self.config.fp8_lm_head,
+                                                    weights=weights)
 
     @property
     def softcap_args(self):
@@ -174,60 +255,124 @@ class GPT(nn.Module):
 
     @staticmethod
     def compute_dtype(inputs):
-        """The dtype of the residual stream, the activations and the matmul inputs: bf16 on
-        CUDA; float32 elsewhere, the reference the CUDA path is tested against. Weights stay
-        float32 and are cast where used; reductions (norms, softmax, loss) run in float32."""
+        """bf16 on CUDA, float32 elsewhere (the reference the CUDA path is tested against).
+        Weights stay float32 and are cast where used; norms, softmax and loss reduce in
+        float32."""
         return torch.bfloat16 if inputs.is_cuda else torch.float32
 
+    def masks(self, docs: Tensor, on_gpu: bool) -> dict:
+        """"S" and "L" for the sequence, "P" (the short window) for the doubled sequence of
+        the paired layers; windows in tokens, as FlashAttention's."""
+        block = self.config.block_size
+        short, long = (w * block for w in (self.yarn.windows[0], self.yarn.windows[1]))
+        masks = dict(zip("SL", attention_masks(docs, (short, long), block, on_gpu, True),
+                         strict=True))
+        if self.config.paired_head_layers:
+            (masks["P"],) = attention_masks(docs, (short,), block, on_gpu, True,
+                                            rows_per_token=2)
+        return masks
+
     def hidden_states(self, inputs, docs):
-        windows = (self.yarn.windows[0], self.yarn.windows[1])
-        masks = attention_masks(docs, windows, self.config.block_size, inputs.is_cuda)
-        dtype = self.compute_dtype(inputs)
-        x = F.embedding(inputs, self.embed)[None].to(dtype)
-        if self.smear is not None:
-            x = self.smear(x, inputs)
-        x = x0 = norm(x)
+        c, layout = self.config, self.layout
+        dtype, last = self.compute_dtype(inputs), c.num_layers - 1
+        masks = self.masks(docs, inputs.is_cuda)
+        pairs = round(c.head_dim // 2 * c.rope_fraction)
+        rotary = rotary_tables(self.yarn.rotary_freqs[:pairs], 2 * inputs.numel())
+        scale = self.yarn.attn_scale
+        x0 = norm(self.smear(F.embedding(inputs, self.embed)[None].to(dtype), inputs))
         value_embeds = self.value_embeds(inputs, dtype)
-        rotary = self.yarn.tables(inputs.numel())
-        saved, backout = {}, None
+        bigram = self.bigram(inputs, dtype) if self.bigram is not None else torch.zeros_like(x0)
+        gates = [self.gates(0, x0), None]
+        x = x0 + layout.get(gates, "bigram", 0) * bigram
+        saved = {"start": x}
         for layer, block in enumerate(self.blocks):
-            x = self.skips.arrive(layer, x, x0, saved)
-            x = block(x, x0, value_embeds.get(layer), masks, rotary, self.yarn.attn_scale)
-            self.skips.leave(layer, x, saved)
-            if self.backout is not None and layer == self.backout.layer:
-                backout = x
-        if backout is not None:
-            x = self.backout(x, backout)
+            if layer == c.post_gate_layer:
+                gates[1] = self.gates(1, x)
+            if layer == last:
+                saved["before_last"] = x
+                x = self.last_layer(block, x, x0, bigram, value_embeds, saved, gates, masks,
+                                    rotary, scale, docs)
+            elif block.attn is None:
+                skip = torch.sigmoid(self.skip_lambda).type_as(x) * layout.get(gates, "skip",
+                                                                                layer)
+                x = block.mlp_update(x + skip * saved[c.skip_source])
+            else:
+                source = saved[c.shared_input_layer] if layer > c.shared_input_layer else x
+                a_in = norm(source)
+                aux_v = None
+                if layer in value_embeds:
+                    aux_v = block.attn.gated_value(a_in, value_embeds[layer])
+                a = block.attn(a_in, aux_v, masks["P" if block.attn.paired else block.window],
+                               rotary, scale, xsa=layout.get(gates, "xsa", layer),
+                               gate=layout.get(gates, "attn_gate", layer))
+                x = (block.residual[0].type_as(x) * x + block.post[0].type_as(x) * a
+                     + layout.get(gates, "x0", layer) * x0)
+                if layer:
+                    x = x + layout.get(gates, "bigram", layer) * bigram
+                x = block.mlp_update(x)
+            saved[layer] = x
+        nu = self.final_mix(x) * MUDD_SCALE
+        first_ve = value_embeds[min(value_embeds)]
+        x = (x + nu[..., 0:1] * saved["start"] + nu[..., 1:2] * saved[c.shared_input_layer]
+             + nu[..., 2:3] * saved["before_last"] + nu[..., 3:4] * first_ve
+             + nu[..., 4:5] * saved[c.skip_source])
         return norm(x)
+
+    def last_layer(self, block, x, x0, bigram, value_embeds, saved, gates, masks, rotary, scale,
+                   docs):
+        """The last layer with its dense connections: 14 per-token coefficients mu mix the
+        residual start, layer ``shared_input_layer``'s output and the input into the values,
+        the input, and the output."""
+        c, layout, last = self.config, self.layout, self.config.num_layers - 1
+        H, d = c.num_heads, c.head_dim
+        start, shared = saved["start"], saved[c.shared_input_layer]
+        mu = self.last_mix(x) * MUDD_SCALE
+        m = [mu[..., i:i + 1] for i in range(14)]
+        dense_v = m[0] * start + m[1] * shared + m[2] * x
+        x = (1 + m[5]) * x + m[3] * start + m[4] * shared
+        ve_scale = torch.cat([m[6].expand(-1, -1, H // 2), m[7].expand(-1, -1, H // 2)], -1)
+        aux_v = (ve_scale[..., None] * value_embeds[last].view(1, -1, H, d)
+                 + dense_v.view(1, -1, H, d))
+        dc = None
+        if last in c.dc_layers:
+            dc = (layout.get(gates, "dc_w1", last), layout.get(gates, "dc_w2", last),
+                  c.dc_window, c.block_size)
+        a = block.attn(norm(shared), aux_v, masks[block.window], rotary, scale, docs=docs,
+                       gate=layout.get(gates, "attn_gate", last), dc=dc)
+        x = m[8] * x + m[9] * a + m[10] * start + m[11] * bigram
+        return m[12] * x + m[13] * block.mlp(norm(x))
 
     # -- measurement --------------------------------------------------------------------------
 
     def flops_per_token(self, seq_len, windows):
         """Training FLOPs (forward + backward = 3x forward) per token at ``windows`` (short,
-        long).
-
-        Matmuls: 6 per weight. Attention: QK^T and AV, 4 * context * heads * head_dim forward,
-        with the context of a token at the block-level window within one long document (what
-        FlexAttention computes when documents outlast the window; shorter documents skip
-        blocks, so this is the upper end of the work done).
-        """
+        long) in blocks. Matmuls: 6 per weight. Attention: QK^T and AV, 4 * keys * heads *
+        head_dim forward, keys at the token window within one long document (the paired
+        layers: twice the rows, half the heads, the same window in rows)."""
         c = self.config
         hdim = c.num_heads * c.head_dim
         matmul = sum(p.numel() for p in self.parameters()
                      if getattr(p, "label", None) in ("attn", "mlp"))
         matmul += c.padded_vocab * c.model_dim  # lm_head
-        short, long = windows
         attention = 0.0
         for letter in c.window_pattern:
             if letter != "-":
-                window = long if letter == "L" else short
-                attention += 4 * hdim * mean_attended_keys(seq_len, window, c.block_size)
+                window = (windows[1] if letter == "L" else windows[0]) * c.block_size
+                keys = min(window + 1, seq_len)
+                attention += 4 * hdim * keys
         return 6 * matmul + 3 * attention
 
 
-def mean_attended_keys(seq_len, window_blocks, block_size):
-    """Average number of keys a query sees: all earlier blocks up to the window, plus the
-    causal part of its own block, over a sequence of seq_len tokens."""
-    num_blocks = max(1, seq_len // block_size)
-    total = sum(min(i, window_blocks - 1) for i in range(num_blocks))
-    return total / num_blocks * block_size + (block_size + 1) / 2
+def _bias(size: int, values: dict) -> Tensor:
+    bias = torch.zeros(size)
+    for index, value in values.items():
+        bias[index] = value
+    return bias
+
+
+def _prefix_table(config: GPTConfig) -> Tensor | None:
+    if not config.prefix_prediction:
+        return None
+    from data.prefix_table import build_prefix_table
+
+    return torch.from_numpy(build_prefix_table(config.padded_vocab))

@@ -6,7 +6,8 @@ Every parameter carries ``.label`` and optionally ``.lr_mul`` / ``.wd_mul`` (def
 * ``"adam"``: token embedding, lm_head and value embeddings, trained by Adam;
 * ``"matrix"``: the transformer blocks' weights, trained by NorMuon, BAM or ARO-Sinkhorn.
   A parameter with ndim >= 2 is a batch of matrices over its leading dims, so the merged QKVO
-  weight (4, hdim, dim) is four matrices, each orthogonalised on its own;
+  weight (4, hdim, dim) is four matrices, each orthogonalised on its own; a parameter's
+  ``.matrix_shape`` (rows, cols) cuts it into smaller ones (record #89's Q and K per head pair);
 * ``"scalar"``: lambdas, skip weights and small gate weights, trained by a separate Adam that
   the trainer can freeze for a few steps.
 
@@ -55,10 +56,15 @@ LABEL_GROUPS: dict[str, str] = {
     "embed": "adam",
     "lm_head": "adam",
     "value_embed": "adam",
+    "bigram_embed": "adam",
     "attn": "matrix",
     "mlp": "matrix",
     "scalar": "scalar",
+    "resid_lambda": "scalar",
+    "post_lambda": "scalar",
     "gate": "scalar",
+    "mudd": "scalar",
+    "mudd_gate": "scalar",
 }
 MATRIX_OPTIMIZERS = ("normuon", "bam", "aro")
 # Smallest divisor for norms: small enough that any non-zero input keeps scale invariance.
@@ -371,6 +377,11 @@ def _device_scalars(values: list[float], device: torch.device) -> Tensor:
 # The three groups
 
 
+def matrix_shape(param: Tensor) -> tuple[int, int]:
+    """The (rows, cols) of the matrices the matrix optimizer sees in ``param``."""
+    return tuple(getattr(param, "matrix_shape", param.shape[-2:]))
+
+
 @dataclass(eq=False)
 class _Entry:
     name: str
@@ -436,7 +447,7 @@ class _Stack:
     def __init__(self, entries: list[_Entry], world: World):
         self.entries = entries
         self.world = world
-        self.rows, self.cols = entries[0].param.shape[-2:]
+        self.rows, self.cols = matrix_shape(entries[0].param)
         self.views = [e.param.view(-1, self.rows, self.cols) for e in entries]
         self.counts = [v.size(0) for v in self.views]
         self.size = sum(self.counts)
@@ -521,7 +532,7 @@ class _MatrixGroup:
         self._multipliers: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
 
     def init_state(self, p: Tensor) -> dict:
-        rows, cols = p.shape[-2:]
+        rows, cols = matrix_shape(p)
         k = p.numel() // (rows * cols)
         f32 = dict(dtype=torch.float32, device=p.device)
         state = dict(momentum_buffer=torch.zeros(k, rows, cols, **f32))
@@ -536,7 +547,7 @@ class _MatrixGroup:
     def _stacks(self, entries: list[_Entry]) -> list[_Stack]:
         buckets: dict[tuple[int, int], list[_Entry]] = {}
         for e in entries:
-            buckets.setdefault(tuple(e.param.shape[-2:]), []).append(e)
+            buckets.setdefault(matrix_shape(e.param), []).append(e)
         return [_Stack(bucket, self.world) for bucket in buckets.values()]
 
     def start(self) -> list[_StackStep]:
@@ -669,8 +680,11 @@ class Optimizers:
         return entry
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Step all three groups; the scalar one only drops its grads while frozen.
+    def step(self, adam: bool = True) -> None:
+        """Step all three groups; the scalar one only drops its grads while frozen. With
+        ``adam`` off only the matrix group steps, and the Adam groups' gradients stay to be
+        summed with the next steps' (``zero_grad(adam=False)`` keeps them): the record's Adam
+        every other step.
 
         With several ranks the gradients are the rank's own (the mean over its micro-batches);
         here they become the mean over all ranks. The collectives start first and each is
@@ -683,14 +697,15 @@ class Optimizers:
             for e in self._groups["scalar"].entries:
                 e.param.grad = None
         stack_steps = self._groups["matrix"].start()
-        reductions = self._all_reduce_adam_grads()
+        reductions = self._all_reduce_adam_grads() if adam else []
         for stack_step in stack_steps:
             stack_step.update(self.lr_factor, self.momentum)
         for work in reductions:
             work.wait()
-        self._groups["adam"].step(self.lr_factor)
-        if not frozen:
-            self._groups["scalar"].step(self.lr_factor)
+        if adam:
+            self._groups["adam"].step(self.lr_factor)
+            if not frozen:
+                self._groups["scalar"].step(self.lr_factor)
         for stack_step in stack_steps:
             stack_step.finish()
 
@@ -706,10 +721,11 @@ class Optimizers:
         ]
         return self.world.start_all_reduce_mean(grads)
 
-    def zero_grad(self) -> None:
-        """Set every grad to None."""
+    def zero_grad(self, adam: bool = True) -> None:
+        """Set every grad to None; with ``adam`` off, the matrix group's only."""
         for e in self._entries:
-            e.param.grad = None
+            if adam or e.group == "matrix":
+                e.param.grad = None
 
     def set_lr_factor(self, factor: float) -> None:
         """Schedule multiplier (warm-up / cool-down) applied to every group's base lr."""

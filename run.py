@@ -204,25 +204,39 @@ class RunConfig:
 def build_config(raw: dict, world_size: int = 1) -> RunConfig:
     """Check every section and the rules between them; ConfigError names the first problem."""
     from data.loader import DataConfig
-    from model import GPTConfig
+    from model import model_config
     from optimizers import OptimizerConfig
-    from train import LoggingConfig, Schedule, ScheduleConfig, TrainingConfig
+    from train import (
+        LoggingConfig,
+        Schedule,
+        ScheduleConfig,
+        TrainingConfig,
+        validation_context,
+    )
     from utils import CompileConfig, build_section
 
     unknown = sorted(set(raw) - set(SECTIONS))
     missing = [s for s in SECTIONS if s not in raw]
     if unknown or missing:
         raise ConfigError(f"config: unknown sections {unknown}, missing sections {missing}")
-    model = build_section(GPTConfig, "model_config", raw["model_config"])
+    model = model_config(raw["model_config"])
     training = build_section(TrainingConfig, "training_config", raw["training_config"])
     schedule = Schedule(ScheduleConfig.from_dict(raw["schedule"]), training.batch_size_multiple,
                         training.max_seq_len, world_size)
     if training.max_seq_len % model.block_size:
         raise ConfigError(f"training_config.max_seq_len ({training.max_seq_len}) must be a "
                           f"multiple of model_config.block_size ({model.block_size})")
-    if training.val_tokens <= 0 or training.val_tokens % schedule.round_tokens:
+    chunk = training.val_chunk_tokens
+    if chunk <= 0 or training.val_tokens <= 0 or training.val_tokens % (chunk * world_size):
+        processes = f" x {world_size} processes" if world_size > 1 else ""
         raise ConfigError(f"training_config.val_tokens ({training.val_tokens}) must be a "
-                          f"positive multiple of {schedule.describe_round()}")
+                          f"positive multiple of val_chunk_tokens ({chunk}){processes}")
+    context = validation_context(model, schedule)
+    if chunk > training.micro_batch_tokens and context >= training.micro_batch_tokens:
+        raise ConfigError(f"validation chunks of {chunk} tokens go to the model in micro-batches "
+                          f"of {training.micro_batch_tokens}, each behind {context} tokens of "
+                          "context (the model's reach at its largest windows): raise "
+                          "BATCH_SIZE_MULTIPLE or lower val_chunk_tokens to the micro-batch")
     if training.grad_clip_norm and world_size > 1:
         raise ConfigError("training_config.grad_clip_norm needs the whole gradient in one "
                           "place; with several processes each holds only its share of the "

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.loader import DataLoader, val_batches
+from data.loader import DataLoader, validation_pieces
 from distributed import World
 from layers.masks import document_ids
-from model import GPT, GPTConfig
+from model import build_model, model_config
 from optimizers import build_optimizer
 from utils import ConfigError, build_section, repo_path
 
@@ -45,6 +45,8 @@ class TrainingConfig:
     max_seq_len: int  # longest segment (document head) in a packed micro-batch
     batch_size_multiple: int  # micro-batch = batch_size_multiple x max_seq_len tokens
     val_tokens: int
+    val_chunk_tokens: int  # validation attends within chunks of this many tokens
+    sum_loss_scale: float | None  # gradient: this x that of the summed loss; None: the mean
     val_loss_every: int  # 0: only at the end
     target_val_loss: float
     early_stop_steps: int | None  # stop after this many steps, the schedule unchanged
@@ -64,6 +66,14 @@ class TrainingConfig:
     def micro_batch_tokens(self):
         return self.batch_size_multiple * self.max_seq_len
 
+    def loss_factor(self, plan_accumulation: int, world_size: int):
+        """What a micro-batch's mean loss is multiplied by before its backward pass, so that
+        the step's gradient, once the optimizer has averaged it over the ranks, is the mean over
+        the step's tokens, or sum_loss_scale times their sum."""
+        if self.sum_loss_scale is None:
+            return 1.0 / plan_accumulation
+        return self.micro_batch_tokens * world_size * self.sum_loss_scale
+
 
 # ----------------------------------------------------------------------------------------------
 # The schedule: a table of stages
@@ -71,15 +81,32 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class Stage:
-    """One row of the stage table."""
+    """One row of the stage table. The loss weights move linearly from their start value at
+    the stage's first step towards their ``_end`` value (reached at the next stage's first)."""
 
     tokens: int  # tokens per optimizer step
     windows: tuple  # (short, long) attention windows, in blocks
     lr_mul: float  # learning-rate multiplier (larger batches take larger steps)
     duration: float | None = None  # share of the scheduled iterations; None: the extension
+    max_seq_len: int | None = None  # longest training segment; None: training_config's
+    mtp_weights: tuple = (1.0,)  # loss weight of the next token, the one after, ... (MTP)
+    mtp_weights_end: tuple | None = None
+    prefix_weight: float = 0.0  # loss weight of the next token's longest prefix token
+    prefix_weight_end: float | None = None
 
     def __post_init__(self):
         check_windows("schedule.stages: windows", self.windows)
+        weights = self.mtp_weights + (self.mtp_weights_end or ())
+        if not self.mtp_weights or any(not isinstance(w, (int, float)) or w < 0
+                                       for w in weights):
+            raise ConfigError(f"schedule.stages: mtp_weights must be non-negative numbers, the "
+                              f"next token's first, got {self.mtp_weights}")
+        if self.mtp_weights_end is not None and len(self.mtp_weights_end) != len(
+                self.mtp_weights):
+            raise ConfigError("schedule.stages: mtp_weights_end needs as many weights as "
+                              f"mtp_weights ({self.mtp_weights} -> {self.mtp_weights_end})")
+        if self.prefix_weight < 0 or (self.prefix_weight_end or 0) < 0:
+            raise ConfigError("schedule.stages: prefix weights must be non-negative")
 
 
 def check_windows(name, windows):
@@ -99,6 +126,7 @@ class ScheduleConfig:
     warmup_steps: int
     cooldown_frac: float  # linear decay to final_lr_ratio over this last share of the stages
     final_lr_ratio: float
+    final_lr_absolute: bool  # the cooldown ends at final_lr_ratio itself, not x the stage's lr_mul
     momentum_start: float  # matrix-optimizer momentum: start -> peak -> end
     momentum_peak: float
     momentum_end: float
@@ -106,6 +134,7 @@ class ScheduleConfig:
     momentum_cooldown_steps: int
     split_frac: float  # untie the embedding from the lm_head at this share of the stages
     freeze_scalars_steps: int  # the scalar Adam holds still this long when a stage begins
+    adam_every: int  # Adam steps on every n-th step, with the gradients of the n summed
 
     @classmethod
     def from_dict(cls, values: dict) -> "ScheduleConfig":
@@ -125,8 +154,12 @@ class StepPlan:
     tokens: int
     accumulation: int  # micro-batches per process
     windows: tuple  # (short, long) in blocks
+    max_seq_len: int  # longest training segment
+    mtp_weights: tuple  # loss weights of the next tokens
+    prefix_weight: float  # loss weight of the next token's prefix token
     lr_factor: float  # times each group's lr
     momentum: float  # of the matrix optimizer
+    adam: bool  # Adam steps after this step's gradients
     untied: bool  # the embedding trains apart from the lm_head from this step on
     transition: bool  # a stage with other tokens or windows begins: the scalars freeze
 
@@ -150,6 +183,8 @@ class Schedule:
         self.stages_table = config.stages
         self.untie_step = round(config.split_frac * self.scheduled)
         self.validation_windows = config.validation_windows
+        # the loss weights of the tokens ahead, as many as the widest stage has
+        self.mtp_width = max(len(stage.mtp_weights) for stage in config.stages or ((),)) or 1
         self._check()
         ends, total = [], 0.0
         for stage in self.stages_table[:-1]:
@@ -187,6 +222,12 @@ class Schedule:
         check_windows("schedule.validation_windows", c.validation_windows)
         if not 0 <= c.cooldown_frac <= 1 or c.warmup_steps < 0:
             raise ConfigError("schedule: cooldown_frac in [0, 1], warmup_steps >= 0")
+        if c.adam_every < 1:
+            raise ConfigError(f"schedule.adam_every must be >= 1, got {c.adam_every}")
+        for stage in self.stages_table:
+            if stage.max_seq_len is not None and not 1 <= stage.max_seq_len <= self.seq:
+                raise ConfigError(f"schedule.stages: max_seq_len {stage.max_seq_len} must be "
+                                  f"between 1 and training_config.max_seq_len ({self.seq})")
 
     def _batch_fix(self):
         """The largest smaller BATCH_SIZE_MULTIPLE that divides every stage, if any."""
@@ -212,22 +253,38 @@ class Schedule:
         before = self.stages_table[index - 1] if index else stage
         transition = (step == self.starts[index] and index > 0
                       and (stage.tokens, stage.windows) != (before.tokens, before.windows))
+        end = self.starts[index + 1] if index + 1 < len(self.starts) else self.total
+        along = (step - self.starts[index]) / (end - self.starts[index])  # [0, 1) in the stage
+
+        def moved(start, finish):
+            return start if finish is None else start + (finish - start) * along
+
+        mtp_end = stage.mtp_weights_end or (None,) * len(stage.mtp_weights)
         return StepPlan(step=step, stage=index, tokens=stage.tokens,
                         accumulation=stage.tokens // self.round_tokens, windows=stage.windows,
-                        lr_factor=self._lr_shape(step) * stage.lr_mul,
-                        momentum=self._momentum(step), untied=step >= self.untie_step,
-                        transition=transition)
+                        max_seq_len=stage.max_seq_len or self.seq,
+                        mtp_weights=tuple(moved(a, b) for a, b in zip(stage.mtp_weights, mtp_end,
+                                                                      strict=True)),
+                        prefix_weight=moved(stage.prefix_weight, stage.prefix_weight_end),
+                        lr_factor=self._lr_factor(step, stage.lr_mul),
+                        momentum=self._momentum(step),
+                        adam=(step + 1) % self.config.adam_every == 0,
+                        untied=step >= self.untie_step, transition=transition)
 
-    def _lr_shape(self, step):
-        """Warm-up, flat, then linear cooldown to final_lr_ratio; flat again in the extension."""
+    def _lr_factor(self, step, lr_mul):
+        """Warm-up, the stage's lr_mul, then a linear cooldown to final_lr_ratio (x lr_mul, or
+        itself when final_lr_absolute) over the last cooldown_frac of the scheduled
+        iterations; the extension stays at the end value."""
         c = self.config
         progress = min(step, self.scheduled) / self.scheduled
         if step < c.warmup_steps:
-            return (step + 1) / c.warmup_steps
+            return (step + 1) / c.warmup_steps * lr_mul
         if progress < 1 - c.cooldown_frac:
-            return 1.0
-        ramp = (progress - (1 - c.cooldown_frac)) / max(c.cooldown_frac, 1e-12)
-        return 1.0 + min(ramp, 1.0) * (c.final_lr_ratio - 1.0)
+            return lr_mul
+        ramp = min((progress - (1 - c.cooldown_frac)) / max(c.cooldown_frac, 1e-12), 1.0)
+        if c.final_lr_absolute:
+            return lr_mul * (1 - ramp) + c.final_lr_ratio * ramp
+        return (1.0 + ramp * (c.final_lr_ratio - 1.0)) * lr_mul
 
     def _momentum(self, step):
         """Matrix-optimizer momentum: warm up, hold, cool down over the last steps."""
@@ -386,7 +443,7 @@ class TrainingManager:
         self.logger = logger
         seed_everything(self.tc.seed)
         torch_device = self.world.torch_device(device.kind)
-        self.model = GPT(config.model).to(torch_device)
+        self.model = build_model(config.model).to(torch_device)
         # Every rank seeds alike; rank 0's weights make sure that they all start the same.
         self.world.broadcast_tensors([p.detach() for p in self.model.parameters()])
         self.optimizer = build_optimizer(self.model, config.optimizer, self.world)
@@ -396,13 +453,22 @@ class TrainingManager:
         ranks = dict(rank=self.world.rank, world_size=self.world.world_size)
         self.train_loader = DataLoader(repo_path(dc.train_pattern), micro, seq,
                                        device=torch_device, prefetch=dc.prefetch, **ranks)
-        self.val_batches = val_batches(repo_path(dc.val_pattern), self.tc.val_tokens, micro,
-                                       seq, device=torch_device, allow_fewer=True, **ranks)
-        self.val_tokens = len(self.val_batches) * self.schedule.round_tokens
+        self.val_pieces, self.val_tokens = validation_pieces(
+            repo_path(dc.val_pattern), self.tc.val_tokens, self.tc.val_chunk_tokens, micro,
+            validation_context(config.model, self.schedule), device=torch_device, **ranks)
+        if not self.val_pieces:
+            raise ConfigError(f"the val shards {dc.val_pattern} hold less than one chunk of "
+                              f"val_chunk_tokens={self.tc.val_chunk_tokens:,} tokens per "
+                              "process: lower it or add val data")
         if self.val_tokens < self.tc.val_tokens and logger is not None:
-            logger.print(f"note: the val shards fill only {self.val_tokens:,} tokens of "
-                         f"micro-batches, fewer than val_tokens={self.tc.val_tokens:,}: "
-                         "validating on those")
+            logger.print(f"note: the val shards hold only {self.val_tokens:,} tokens in whole "
+                         f"chunks, fewer than val_tokens={self.tc.val_tokens:,}: validating "
+                         "on those")
+        # [the loss weights of the tokens ahead..., of the prefix token], set by apply();
+        # validation scores the next token alone
+        self.loss_weights = torch.zeros(self.schedule.mtp_width + 1, device=torch_device)
+        self.val_weights = torch.zeros_like(self.loss_weights)
+        self.val_weights[0] = 1.0
         self._flops = {}  # flops_per_token by windows, for MFU
         self.run_id = None  # kept in checkpoints: a resumed run appends to the same log
         self.step = 0  # optimizer steps completed
@@ -412,15 +478,19 @@ class TrainingManager:
     # -- the schedule -------------------------------------------------------------------------
 
     def apply(self, plan: StepPlan):
-        """Put the model and the optimizer in the state the schedule asks for at a step: the
-        windows (with YaRN), the untie, the scalar freeze, the lr factor and the momentum."""
+        """Put the model, the data and the optimizer in the state the schedule asks for at a
+        step: the windows (with YaRN), the segment length, the untie, the scalar freeze, the lr
+        factor and the momentum."""
         self.model.yarn.set_windows(plan.windows)
+        self.train_loader.set_max_seq_len(plan.max_seq_len)
         if plan.untied and self.model.tie.tied:
             self.model.tie.untie(self.optimizer)
         if plan.transition:
             self.optimizer.freeze_scalars(self.schedule.config.freeze_scalars_steps)
         self.optimizer.set_lr_factor(plan.lr_factor)
         self.optimizer.set_momentum(plan.momentum)
+        mtp = plan.mtp_weights + (0.0,) * (self.schedule.mtp_width - len(plan.mtp_weights))
+        self.loss_weights.copy_(torch.tensor([*mtp, plan.prefix_weight]), non_blocking=True)
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -430,58 +500,72 @@ class TrainingManager:
         plan = self.schedule.at(self.step)
         self.apply(plan)
         loss = self.accumulate(plan)
-        self.optimizer_step()
+        self.optimizer_step(plan.adam)
         self.step += 1
         return self.world.all_reduce_mean(loss)
 
     def accumulate(self, plan: StepPlan):
         """Gradients of the step's batch by accumulation over fixed-size micro-batches, each
-        loss divided by their number so the gradient is the mean over the whole batch whatever
-        the split (the optimizer averages it over the ranks). Returns this rank's mean loss."""
+        loss scaled so that the gradient does not depend on the split (``loss_factor``; the
+        optimizer averages it over the ranks). Returns this rank's mean loss."""
         total = torch.zeros((), device=self.model.lm_head.device)
+        factor = self.tc.loss_factor(plan.accumulation, self.world.world_size)
         for _ in range(plan.accumulation):
             inputs, targets = self.train_loader.next_batch()
-            loss = self.compiled(inputs, targets, document_ids(inputs))
-            (loss / plan.accumulation).backward()
+            loss = self.compiled(inputs, targets, document_ids(inputs), self.loss_weights)
+            (loss * factor).backward()
             total += loss.detach()
         return total / plan.accumulation
 
-    def optimizer_step(self):
+    def optimizer_step(self, adam=True):
+        """The optimizer's step on the accumulated gradients; ``adam`` off steps the matrix
+        group alone and keeps the Adam gradients for the next step (schedule.adam_every)."""
         self.model.tie.fold_grad()
         if self.tc.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip_norm)
-        self.optimizer.step()
-        self.model.tie.sync()
-        self.optimizer.zero_grad()
+        self.optimizer.step(adam)
+        if adam:
+            self.model.tie.sync()
+        self.optimizer.zero_grad(adam)
 
     def validate(self):
-        """The mean loss over the val batches; each rank has as many, its share of them.
+        """The mean next-token loss over the validation tokens (``validation_pieces``); each
+        rank scores as many, its share of them.
 
         Compiled, it runs the training graph (grad mode on, no backward pass): a graph for
         no_grad would be a second compile, for a pass that the train time does not count."""
         with torch.set_grad_enabled(self.compiled is not self.model):
-            losses = [self.compiled(inputs, targets, document_ids(inputs)).detach()
-                      for inputs, targets in self.val_batches]
-        return self.world.all_reduce_mean(torch.stack(losses).mean()).item()
+            # each piece's loss is its scored rows' sum over all its rows
+            total = sum(self.compiled(inputs, targets, document_ids(inputs),
+                                      self.val_weights).detach() * inputs.numel()
+                        for inputs, targets in self.val_pieces)
+        scored = self.val_tokens // self.world.world_size
+        return self.world.all_reduce_mean(total / scored).item()
 
     # -- compile warm-up ------------------------------------------------------------------------
 
     def warmup(self):
         """Compile the graphs the run uses (the model's one training graph, which validation
-        shares, and the optimizer's updates) with one step on real batches, then restore
-        weights, optimizer, data position and RNG: the timed run starts from exactly the state
-        it would have had without warm-up. Returns seconds spent."""
+        shares, and the optimizer's updates) with the first steps on real batches, up to one
+        with an Adam update, then restore weights, optimizer, data position, gradients and RNG:
+        the timed run starts from exactly the state it would have had without warm-up.
+        Returns seconds spent."""
         start = time.perf_counter()
         model_state = {k: v.clone() if torch.is_tensor(v) else v
                        for k, v in self.model.state_dict().items()}
         optimizer_state = self.optimizer.state_dict()
         loader_state = self.train_loader.state_dict()
         rng = rng_state()
+        pending = {p: p.grad for p in self.model.parameters()}
+        self.optimizer.zero_grad()
         step = self.step
         self.step = 0
-        self.train_step()
+        for _ in range(self.schedule.config.adam_every):  # a step with Adam's update too
+            self.train_step()
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
+        for p, grad in pending.items():
+            p.grad = grad
         self.train_loader.load_state_dict(loader_state)
         set_rng_state(rng)
         self.step = step
@@ -491,9 +575,12 @@ class TrainingManager:
     # -- checkpoints --------------------------------------------------------------------------
 
     def checkpoint_state(self):
+        # Gradients still waiting for Adam (schedule.adam_every) are part of the state.
+        pending = {name: p.grad for name, p in self.model.named_parameters()
+                   if p.grad is not None}
         return {"step": self.step, "run_id": self.run_id, "train_time": self.train_time,
                 "history": self.history, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "gradients": pending, "optimizer": self.optimizer.state_dict(),
                 "loader": self.train_loader.state_dict(), "rng": rng_state(),
                 "config": self.config.raw}
 
@@ -517,8 +604,7 @@ class TrainingManager:
         """Resume from the checkpoint at ``path`` (``state``: its contents, if already read)."""
         if state is None:
             state = read_checkpoint(path, self.model.lm_head.device)
-        saved = build_section(GPTConfig, f"checkpoint {path}: model_config",
-                              state["config"]["model_config"])
+        saved = model_config(state["config"]["model_config"])
         if saved != self.config.model:
             raise ConfigError(f"checkpoint {path} was written for a different model_config")
         try:
@@ -528,6 +614,8 @@ class TrainingManager:
                               f"({str(exc).splitlines()[0]}); resume it with that version "
                               "(git log) or start the run again") from exc
         self.optimizer.load_state_dict(state["optimizer"])
+        for name, p in self.model.named_parameters():
+            p.grad = state["gradients"].get(name)
         self.train_loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step, self.train_time = state["step"], state["train_time"]
@@ -620,6 +708,15 @@ class TrainingManager:
         if self.logger.wandb is not None:
             self.logger.wandb.log({"val/loss": val_loss, "train_time": self.train_time},
                                   step=self.step)
+
+
+def validation_context(model_config, schedule: Schedule) -> int:
+    """Context tokens before each scored piece of a validation chunk: the model's receptive
+    field at the largest windows validation runs with, in whole attention blocks."""
+    windows = [schedule.validation_windows, *(stage.windows for stage in schedule.stages_table)]
+    largest = tuple(max(w[i] for w in windows) for i in range(2))
+    block = model_config.block_size
+    return -(-model_config.receptive_field(largest) // block) * block
 
 
 def read_checkpoint(path, device):

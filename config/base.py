@@ -1,12 +1,16 @@
-"""The speedrun: a GPT-2-small-class model to FineWeb val loss 3.28 on one 80 GB GPU.
+"""The speedrun: modded-nanogpt's record #89 (2026-07-17, commit 57a65f15) on one 80 GB GPU,
+1270 + 15 steps and 339M tokens to FineWeb val loss 3.28.
 
-The recipe follows modded-nanogpt's records of late 2025 (11 layers, width 768, value
-embeddings, gates, YaRN windows, NorMuon with Polar Express, three batch-size stages), with
-FlexAttention for the document and window masks. Every value below is read by the code;
-config/small.py and config/cpu.py build on this file and change a few keys.
+The model is ``model.py`` (README, Recipe: each piece, its record and config key); the
+schedule is the record's stage table. Every value below is read by the code; config/small.py
+and config/cpu.py build on this file and change a few keys. config/record55.py is the previous
+recipe, to compare.
 """
 
+import math
+
 model_config = dict(
+    architecture="record89",
     vocab_size=50257,
     vocab_multiple=128,  # 50304: matmul-friendly
     num_layers=11,
@@ -16,7 +20,7 @@ model_config = dict(
     ffn_dim=3072,
     activation="relu2",
     block_size=128,
-    # S short window, L long window, - no attention (layer 6 is MLP only)
+    # S short window, L long window, - no attention (layer 6 adds layer 3's output instead)
     window_pattern="SSSLSS-SSSL",
     attn_scale=0.1,
     rope_base=1024.0,
@@ -24,30 +28,40 @@ model_config = dict(
     yarn_alpha=1.0,
     yarn_beta=32.0,
     yarn_attn_factor=0.2,
-    # table 0 on layer 8, table 1 on layers 0 and 9, table 2 on layers 1 and 10
-    value_embed_layers=((8,), (0, 9), (1, 10)),
-    attn_gate=True,
-    smear_gate=True,
-    skip_connections=((3, 6),),
-    backout_layer=7,
-    residual_init=1.1,
-    x0_init=0.0,
+    value_embed_layers=((1,), (2,), (8,), (9,), (10,)),  # five untied tables (#209)
+    value_embed_init_std=0.01,
+    paired_head_layers=(0, 2, 5, 9),  # #191
+    xsa_layers=(1, 3, 4, 7),  # #264, #317
+    attn_gate_layers=(3, 10),
+    dc_layers=(10,),  # #315
+    dc_window=112,
+    key_offset=True,
+    bigram_rows=50304 * 15 // 2,  # #201
+    bigram_sign_rows=8192,  # #299
+    gate_hidden=64,  # MUDD gates (#315)
+    mudd_hidden=64,  # MUDD dense connections (#259)
+    post_gate_layer=4,
+    shared_input_layer=7,  # layers 8-10 attend from layer 7's output (#230, #241)
+    skip_source=3,
+    residual_init=math.sqrt(1.1),
     skip_lambda_init=-1.5,
-    backout_init=0.5,
     logit_softcap=23.0,
     softcap_form="sigmoid",
     softcap_shift=5.0,
     softcap_temp=7.5,
-    fused_loss=True,  # lm_head + softcap + cross-entropy as one op (kernels.py)
-    # float8 matmuls in that op where the GPU has them (capability >= 8.9, else bf16): faster,
-    # at some accuracy (README, Speed, gives both)
+    prefix_prediction=True,  # #337; the prefix table comes from tiktoken's GPT-2 vocabulary
+    # the lm_head + softcap + cross-entropy op's matmuls in float8 where the GPU has them
+    # (capability >= 8.9, else bf16): faster, at some accuracy (README, Speed, gives both)
     fp8_lm_head=True,
     # the MLP's matmuls in float8 too (kernels.linear, same guard, dynamic per-tensor scales)
     fp8_mlp=True,
     init_std=0.5,
     lm_head_init_std=0.005,
+    mlp_proj_lr_mul=4.0,  # the record's c_proj: a shape factor of 2 and its own 2
 )
 
+# The record's param_table: Adam's lr 0.008, eps 1e-10 and weight decay 0.005 for every Adam
+# parameter, times the label's lr and decay multipliers; NorMuon's lr 0.023 and decay 1.2.
 # Effective lr = group lr * schedule factor * label_lr_mul[label] * param.lr_mul; see
 # optimizers.py for how weight decay is scaled.
 optimizer_config = dict(
@@ -62,11 +76,14 @@ optimizer_config = dict(
     # per-entry step at width 768, and weight_decay 40 its per-step decay
     # (40 * 0.004**2 ~ 1.2 * 0.023**2). Untuned.
     aro=dict(lr=0.004, momentum=0.95, weight_decay=40.0, sinkhorn_iters=5, rms=0.2),
-    label_lr_mul=dict(embed=1.0, lm_head=1.0, value_embed=75.0, attn=1.0, mlp=1.0, scalar=5.0,
-                      gate=1.0),
-    label_wd_mul=dict(embed=150.0, lm_head=150.0, value_embed=5.0, attn=1.0, mlp=1.0,
-                      scalar=0.0, gate=1.0),
-    label_betas=dict(value_embed=(0.75, 0.95)),
+    label_lr_mul=dict(embed=1.0, lm_head=1.0, value_embed=75.0, bigram_embed=75.0, attn=1.0,
+                      mlp=1.0, scalar=5.0, resid_lambda=5.0, post_lambda=1.0, gate=1.0,
+                      mudd=0.25, mudd_gate=0.1),
+    label_wd_mul=dict(embed=150.0, lm_head=150.0, value_embed=5.0, bigram_embed=5.0, attn=1.0,
+                      mlp=1.0, scalar=0.0, resid_lambda=0.0, post_lambda=0.0, gate=1.0,
+                      mudd=1.0, mudd_gate=1.0),
+    label_betas=dict(value_embed=(0.75, 0.95), bigram_embed=(0.75, 0.95),
+                     resid_lambda=(0.9, 0.95), post_lambda=(0.9, 0.95)),
 )
 
 training_config = dict(
@@ -76,6 +93,10 @@ training_config = dict(
     max_seq_len=2048,  # longest segment (document head) in a packed micro-batch
     batch_size_multiple=32,  # micro-batch = 32 x 2048 = 65,536 tokens; env BATCH_SIZE_MULTIPLE
     val_tokens=10_485_760,
+    val_chunk_tokens=262_144,  # validation reads val_tokens in chunks of this, as the record
+    # the record's gradient: the sum over a step's tokens of their losses' gradients / 8 (the
+    # sum of its 8 GPUs' micro-batches, averaged); None would be the mean over the tokens
+    sum_loss_scale=1 / 8,
     val_loss_every=250,  # 0: only at the end
     target_val_loss=3.28,
     early_stop_steps=None,  # --early_stop_steps N stops after N steps, the schedule unchanged
@@ -87,30 +108,40 @@ training_config = dict(
     benchmark_steps=20,  # timed steps per stage in --benchmark mode
 )
 
-# The stage table: each row takes its duration (share) of the scheduled iterations, with its
-# tokens per optimizer step, (short, long) attention windows in 128-token blocks and lr
-# multiplier (larger batches take larger steps). Each growth of the long window applies YaRN.
-# The last row, without a duration, holds for the extension iterations, at the final lr.
+# The record's TRAINING_STAGES: each row takes its duration (share) of the scheduled
+# iterations, with its tokens per optimizer step, (short, long) attention windows in 128-token
+# blocks, lr multiplier, longest training segment, and the loss weights of the next tokens
+# (MTP) and of the next token's prefix token, which move linearly to their _end values over
+# the stage. The last row, without a duration, holds for the extension iterations. Micro-batches
+# of 65,536 tokens (2, 4, 6 a step) where the record takes 8 of 16,384 / 32,768 / 49,152: the
+# same tokens and gradient, summed in another order.
 schedule = dict(
-    num_scheduled_iterations=1805,
-    num_extension_iterations=40,
+    num_scheduled_iterations=1270,
+    num_extension_iterations=15,
     stages=(
-        dict(duration=1 / 3, tokens=131_072, windows=(1, 3), lr_mul=1.0),
-        dict(duration=1 / 3, tokens=262_144, windows=(3, 7), lr_mul=1.52),
+        dict(duration=1 / 3, tokens=131_072, windows=(1, 3), lr_mul=1.0, max_seq_len=896,
+             mtp_weights=(1.0, 0.5, 0.25), mtp_weights_end=(1.0, 0.5, 0.0), prefix_weight=0.25),
+        dict(duration=1 / 3, tokens=262_144, windows=(3, 7), lr_mul=1.52,
+             mtp_weights=(1.0, 0.5), mtp_weights_end=(1.0, 0.0), prefix_weight=0.25,
+             prefix_weight_end=0.0),
         dict(duration=1 / 3, tokens=393_216, windows=(5, 11), lr_mul=1.73),
-        dict(tokens=393_216, windows=(6, 13), lr_mul=1.73),
+        dict(tokens=393_216, windows=(6, 13), lr_mul=1.0),
     ),
-    validation_windows=(10, 20),  # the final validation extends the windows, without YaRN
+    validation_windows=(6, 20),  # the final validation's, without YaRN
     warmup_steps=0,
-    cooldown_frac=0.5,  # linear decay over the last half of the scheduled iterations
-    final_lr_ratio=0.1,
+    cooldown_frac=0.6,  # from step 508
+    final_lr_ratio=0.15,  # the lr floor (#224)
+    final_lr_absolute=True,  # 0.15 itself, from every stage's lr_mul
     momentum_start=0.85,  # matrix optimizer momentum: 0.85 -> 0.95 -> 0.85
     momentum_peak=0.95,
     momentum_end=0.85,
     momentum_warmup_steps=300,
     momentum_cooldown_steps=50,
-    split_frac=2 / 3,  # untie embedding and lm_head at this share of the scheduled iterations
-    freeze_scalars_steps=40,  # scalar Adam holds still this long when a stage begins
+    # The record's last tied update is step 847 (stage 3's first odd step); the embedding has
+    # its own gradient from step 848 on.
+    split_frac=848 / 1270,
+    freeze_scalars_steps=0,
+    adam_every=2,  # Adam on odd steps, on the gradients of two steps
 )
 
 data_config = dict(

@@ -419,6 +419,24 @@ class DataLoader:
         inputs, targets = _to_tensors(self._stream.next_batch(), pin=False)
         return inputs.to(self.device), targets.to(self.device)
 
+    @property
+    def max_seq_len(self) -> int:
+        return self._stream.max_seq_len
+
+    def set_max_seq_len(self, max_seq_len: int) -> None:
+        """Pack the batches after the last one served with this segment length (a schedule's
+        stage may train on shorter documents); batches the preloader made ahead are dropped."""
+        if max_seq_len == self._stream.max_seq_len:
+            return
+        if not 1 <= max_seq_len <= self._stream.micro_batch_tokens:
+            raise ValueError(f"max_seq_len must be between 1 and the micro-batch's "
+                             f"{self._stream.micro_batch_tokens} tokens, got {max_seq_len}")
+        if self._preloader is not None:
+            self._preloader.close()
+        state = self.state_dict()
+        self._stream.max_seq_len = max_seq_len
+        self.load_state_dict(state)
+
     def state_dict(self) -> dict:
         """A JSON-serialisable position: epoch, shard index and name, position in the shard."""
         source = self._preloader if self._preloader is not None else self._stream
@@ -439,38 +457,52 @@ class DataLoader:
         self.close()
 
 
-def val_batches(
+def validation_pieces(
     pattern: str,
     val_tokens: int,
-    micro_batch_tokens: int,
-    max_seq_len: int,
+    chunk_tokens: int,
+    piece_tokens: int,
+    context_tokens: int,
     device="cpu",
     rank: int = 0,
     world_size: int = 1,
-    allow_fewer: bool = False,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``val_tokens`` packed tokens of the val shards, as this rank's micro-batches.
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """The speedrun's validation set, as micro-batches the model takes; and its token count.
 
-    Packed exactly as training batches, from the start of the first shard, so every call returns
-    the same batches. When the shards hold too few documents to fill them without repeating,
-    raises ValueError, or with ``allow_fewer`` returns the whole rounds one pass provides.
+    The val shards are read as one stream, and its first ``val_tokens`` tokens are cut into
+    chunks of ``chunk_tokens``, not aligned to documents: attention stays within a chunk (and
+    within a document), every token of it is scored, as in the record. Rank r takes chunks r,
+    r + W, .... A chunk longer than ``piece_tokens`` goes to the model in pieces: its first
+    ``piece_tokens`` tokens, then the next ones each behind the ``context_tokens`` before them,
+    which are fed but not scored (target -1): with context at least the model's receptive
+    field, every scored token sees exactly what it would in one pass over the chunk. A last
+    piece is filled up with BOS, not scored either. When the shards hold fewer tokens, the
+    whole chunks they hold are used.
     """
-    per_round = micro_batch_tokens * world_size
-    if val_tokens <= 0 or val_tokens % per_round:
-        raise ValueError(
-            f"val_tokens ({val_tokens}) must be a positive multiple of micro_batch_tokens x "
-            f"world_size ({micro_batch_tokens} x {world_size} = {per_round})"
-        )
-    stream = BatchStream(find_shards(pattern), micro_batch_tokens, max_seq_len, rank, world_size)
-    batches = []
-    for _ in range(val_tokens // per_round):
-        inputs, targets = _to_tensors(stream.next_batch(), pin=False)
-        if stream.epoch > 0:
-            if allow_fewer and batches:
-                break
-            raise ValueError(
-                f"val_tokens ({val_tokens}) is more than one pass over {pattern!r} provides "
-                f"with max_seq_len={max_seq_len}; lower it or add val data"
-            )
-        batches.append((inputs.to(device), targets.to(device)))
-    return batches
+    stream, need = [], val_tokens + 1  # +1: the last token's target
+    for path in find_shards(pattern):
+        tokens = read_shard(path)
+        stream.append(tokens[:need - sum(map(len, stream))])
+        if sum(map(len, stream)) >= need:
+            break
+    tokens = np.concatenate(stream)
+    chunks = min(val_tokens, len(tokens) - 1) // chunk_tokens
+    chunks -= chunks % world_size  # every rank the same number
+    pieces = []
+    for chunk in range(rank, chunks, world_size):
+        start = chunk * chunk_tokens
+        inputs = tokens[start:start + chunk_tokens].astype(np.int32)
+        targets = tokens[start + 1:start + chunk_tokens + 1].astype(np.int64)
+        scored = 0
+        while scored < chunk_tokens:
+            context = min(scored, context_tokens)
+            stop = min(scored - context + piece_tokens, chunk_tokens)
+            piece = np.full(piece_tokens, BOS_ID, dtype=np.int32)
+            piece_targets = np.full(piece_tokens, -1, dtype=np.int64)
+            length = stop - (scored - context)
+            piece[:length] = inputs[scored - context:stop]
+            piece_targets[context:length] = targets[scored:stop]
+            pieces.append((torch.from_numpy(piece).to(device),
+                           torch.from_numpy(piece_targets).to(device)))
+            scored = stop
+    return pieces, chunks * chunk_tokens

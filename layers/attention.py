@@ -1,13 +1,15 @@
-"""Causal self-attention of the speedrun: merged QKVO weights, QK norm, rotary, value
-embeddings with a gate, a per-head output gate; FlexAttention on CUDA, SDPA on the CPU."""
+"""Causal self-attention: record #55's (``CausalSelfAttention``: merged QKVO weights, QK norm,
+rotary, gated value embeddings, a per-head sigmoid output gate) and record #89's
+(``GatedAttention``). FlexAttention on CUDA, SDPA with the equivalent dense mask on the CPU."""
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from layers.core import GATE_CHANNELS, gate_input, make_param, norm, uniform_matrix
-from layers.rotary import apply_rotary
+from layers.dc import dc_correction
+from layers.rotary import apply_rotary, apply_rotary_interleaved
 
 
 class CausalSelfAttention(nn.Module):
@@ -45,3 +47,93 @@ class CausalSelfAttention(nn.Module):
             # sigmoid(0) = 0.5: every head starts at half strength, the same for all heads
             y = y * torch.sigmoid(F.linear(gate_input(x), self.out_gate.type_as(x)))[..., None]
         return y.flatten(2) @ self.qkvo[3].type_as(y)
+
+
+class GatedAttention(nn.Module):
+    """Record #89's attention layer: Q and K per head pair and V, O as separate matrices for
+    the matrix optimizer, QK norm, rotary with adjacent pairs, and these per-layer pieces:
+
+    * paired heads (#191): the sequence is doubled and heads h and h + H/2 of token t sit in
+      rows 2t and 2t + 1, so each attends to the other's keys as well as its own (head h
+      rotated at position 2t + h mod 2); the window then counts rows;
+    * key offset (long windows): the unrotated half of each key is the previous token's, so
+      a query can match on what came just before a token;
+    * value residual: ``aux_v`` (a gated value embedding, or the dense connections of the
+      last layer) added to the values;
+    * DC (``layers/dc.py``), gated XSA (#264 in the algebraic form of #317: the output loses
+      the share tanh(alpha) of its component along its own token's value) and a linear
+      output gate, each taking per-token coefficients from the model's gate networks;
+    * learnable scales lambda_q (on Q, K, V) and lambda_o (on the output projection).
+    """
+
+    def __init__(self, config, paired: bool, key_offset: bool, value_gate: bool):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.paired, self.key_offset = paired, key_offset
+        hdim, dim = config.num_heads * config.head_dim, config.model_dim
+        qk = make_param(uniform_matrix(2 * hdim, dim, std_scale=config.init_std, fan_in=dim),
+                        "attn")
+        qk.matrix_shape = (2 * self.head_dim, dim)  # orthogonalised per head pair (#253)
+        self.qk = qk
+        self.vo = make_param(uniform_matrix(2, hdim, dim, std_scale=config.init_std,
+                                            fan_in=dim), "attn")
+        self.lambdas = make_param(torch.tensor([0.5, 1.0]), "scalar", wd_mul=0.0)
+        self.value_gate = make_param(torch.zeros(config.num_heads, GATE_CHANNELS), "gate") \
+            if value_gate else None
+
+    def gated_value(self, x: Tensor, value_embed: Tensor) -> Tensor:
+        """The value embedding scaled per head by 2 sigmoid(w . [x[:6], ve[:6]]): x is the
+        layer's normed input, ve its value embedding (1, T, D)."""
+        half = GATE_CHANNELS // 2
+        features = torch.cat([x[..., :half], value_embed[..., :half]], dim=-1)
+        gate = 2 * torch.sigmoid(F.linear(features, self.value_gate.type_as(x)))
+        return gate[..., None] * value_embed.view(*x.shape[:2], self.num_heads, self.head_dim)
+
+    def forward(self, x, aux_v, mask, rotary, scale, docs=None, xsa=None, gate=None, dc=None):
+        """x (1, T, D) the normed input; aux_v (1, T, H, d) or None; mask for the sequence (for
+        the doubled one on a paired layer); rotary the (cos, sin) tables of the rotating pairs
+        over 2T positions; xsa (1, T, H) raw alphas, gate (1, T, H), dc (w1, w2, window, block)
+        or None. Returns (1, T, D)."""
+        T, H, d = x.size(1), self.num_heads, self.head_dim
+        scale_q, scale_o = self.lambdas.type_as(x)
+        weight = torch.cat([self.qk, self.vo[0]]).type_as(x)
+        q, k, v = F.linear(x, scale_q * weight).view(1, T, 3 * H, d).chunk(3, dim=2)
+        q, k = norm(q), norm(k)
+        cos, sin = rotary
+        if self.paired:
+            # head 2g + b of token t at position 2t + b; rows 2t, 2t + 1 of the doubled sequence
+            cos, sin = (table.view(1, T, 1, 2, -1) for table in (cos, sin))
+            q, k = (apply_rotary_interleaved(t.view(1, T, H // 2, 2, d), cos, sin)
+                    .reshape(1, 2 * T, H // 2, d) for t in (q, k))
+            v = v if aux_v is None else v + aux_v
+            v = v.reshape(1, 2 * T, H // 2, d)
+        else:
+            cos, sin = cos[:, :T], sin[:, :T]
+            q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
+            if self.key_offset:
+                k = torch.cat([k[..., :d // 2], torch.cat([k[:, :1, :, d // 2:],
+                                                           k[:, :-1, :, d // 2:]], dim=1)], -1)
+            if aux_v is not None:
+                v = v + aux_v
+        y = attend(q, k, v, mask, scale).view(1, T, H, d)
+        if dc is not None:
+            w1, w2, window, block = dc
+            y = y + dc_correction(q, k, v, w1, w2, docs, scale, window, block)
+        if xsa is not None:
+            along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(
+                1e-8)
+            y = y - torch.tanh(xsa)[..., None] * along * v
+        if gate is not None:
+            y = y * gate[..., None]
+        return F.linear(y.flatten(2), scale_o * self.vo[1].type_as(y))
+
+
+def attend(q, k, v, mask, scale):
+    """Softmax attention of (1, T, H, d) tensors with ``scale``, FlexAttention for a BlockMask,
+    SDPA with a dense mask otherwise; returns (1, T, H, d)."""
+    q, k, v = (t.transpose(1, 2) for t in (q * scale.type_as(q), k, v))
+    if isinstance(mask, BlockMask):
+        y = flex_attention(q, k, v, block_mask=mask, scale=1.0)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    return y.transpose(1, 2)

@@ -13,10 +13,11 @@ class ValueEmbeddings(nn.Module):
     """Token-indexed tables added to the attention values of chosen layers (a table may feed
     several layers): token identity straight into attention, zero at the start."""
 
-    def __init__(self, vocab: int, dim: int, layers_per_table: tuple):
+    def __init__(self, vocab: int, dim: int, layers_per_table: tuple, init_std: float = 0.0):
         super().__init__()
         self.tables = nn.ParameterList(
-            [make_param(torch.zeros(vocab, dim), "value_embed") for _ in layers_per_table])
+            [make_param(torch.randn(vocab, dim) * init_std if init_std else
+                        torch.zeros(vocab, dim), "value_embed") for _ in layers_per_table])
         self.table_of = {layer: t for t, layers in enumerate(layers_per_table) for layer in layers}
 
     def forward(self, inputs: Tensor, dtype: torch.dtype) -> dict:
@@ -27,16 +28,22 @@ class ValueEmbeddings(nn.Module):
 
 class SmearGate(nn.Module):
     """x_t += lambda * sigmoid(w . x_t[:12]) * x_{t-1}: each token takes in some of the one
-    before it (cheap bigram information), except across a document start."""
+    before it (cheap bigram information), not across a document start unless
+    ``across_documents`` (record #89's, whose gate also learns 100 times slower and without
+    weight decay: ``gate_lr_mul``, ``gate_wd_mul``)."""
 
-    def __init__(self):
+    def __init__(self, across_documents: bool = False, gate_lr_mul: float = 1.0,
+                 gate_wd_mul: float = 1.0):
         super().__init__()
-        self.gate = make_param(torch.zeros(GATE_CHANNELS), "gate")
+        self.across_documents = across_documents
+        self.gate = make_param(torch.zeros(GATE_CHANNELS), "gate", lr_mul=gate_lr_mul,
+                               wd_mul=gate_wd_mul)
         self.strength = make_param(torch.zeros(1), "scalar", wd_mul=0.0)
 
     def forward(self, x: Tensor, inputs: Tensor) -> Tensor:
         gate = torch.sigmoid(gate_input(x[:, 1:]) @ self.gate.type_as(x))
-        gate = gate * (inputs[1:] != BOS_ID)
+        if not self.across_documents:
+            gate = gate * (inputs[1:] != BOS_ID)
         smear = self.strength.type_as(x) * gate[..., None] * x[:, :-1]
         return torch.cat([x[:, :1], x[:, 1:] + smear], dim=1)
 

@@ -1,9 +1,10 @@
 """Attention masks. One rule, two encodings:
 
-    query q may attend key k  <=>  k <= q  and  doc(k) == doc(q)
-                                   and  block(q) - block(k) < window (in blocks)
+    query q may attend key k  <=>  k <= q  and  doc(k) == doc(q)  and  k is in q's window
 
-doc(t) counts the BOS tokens up to t, so a document starts at its BOS. On CUDA the rule is a
+doc(t) counts the BOS tokens up to t, so a document starts at its BOS. The window is counted
+in blocks (block(q) - block(k) < window, record #55) or in tokens (q - k <= window, as
+FlashAttention's sliding window of record #89: window + 1 keys). On CUDA the rule is a
 FlexAttention ``BlockMask`` (block-sparse: whole key blocks are skipped); on the CPU, where
 FlexAttention has no backward pass, the same rule is a dense (T, T) boolean mask for
 ``scaled_dot_product_attention``.
@@ -20,12 +21,19 @@ def document_ids(inputs: Tensor) -> Tensor:
     return (inputs == BOS_ID).cumsum(0).to(torch.int32)
 
 
-def dense_attention_mask(docs: Tensor, window_blocks, block_size: int) -> Tensor:
-    """The (T, T) boolean mask of the rule above, for scaled_dot_product_attention."""
-    t = torch.arange(docs.numel(), device=docs.device)
+def dense_attention_mask(docs: Tensor, window, block_size: int, token_window=False,
+                         rows_per_token=1) -> Tensor:
+    """The (R, R) boolean mask of the rule above over R = T * rows_per_token rows (2 for the
+    doubled sequence of paired heads: row r belongs to token r // 2), for
+    scaled_dot_product_attention."""
+    t = torch.arange(docs.numel() * rows_per_token, device=docs.device)
     q, k = t[:, None], t[None, :]
-    block_distance = q // block_size - k // block_size
-    return (k <= q) & (docs[:, None] == docs[None, :]) & (block_distance < window_blocks)
+    if token_window:
+        in_window = q - k <= window
+    else:
+        in_window = q // block_size - k // block_size < window
+    row_docs = docs[t // rows_per_token]
+    return (k <= q) & (row_docs[:, None] == row_docs[None, :]) & in_window
 
 
 def _ordered(mask: Tensor):
@@ -35,17 +43,20 @@ def _ordered(mask: Tensor):
     return counts[None, None].contiguous(), indices.to(torch.int32)[None, None].contiguous()
 
 
-def block_attention_masks(docs: Tensor, windows, block_size: int) -> list:
-    """FlexAttention BlockMasks for each window, built from per-block document bounds.
+def block_attention_masks(docs: Tensor, windows, block_size: int, token_window=False,
+                          rows_per_token=1) -> list:
+    """FlexAttention BlockMasks for each window, built from per-block document bounds, over
+    T * rows_per_token rows (see ``dense_attention_mask``).
 
     Only (T/block)^2 booleans are formed: a key block is skipped when it is outside the window,
     in the future, or holds only other documents; it is 'full' (no per-token mask needed) when
-    it lies strictly before the query block and both hold a single, shared document.
+    it lies strictly before the query block, all its tokens inside the window, and both hold a
+    single, shared document.
     """
-    num_blocks = docs.numel() // block_size
-    first_doc = docs[::block_size]
-    last_doc = docs[block_size - 1::block_size]
+    num_blocks = docs.numel() * rows_per_token // block_size
     b = torch.arange(num_blocks, device=docs.device)
+    first_doc = docs[b * block_size // rows_per_token]
+    last_doc = docs[(b * block_size + block_size - 1) // rows_per_token]
     q, k = b[:, None], b[None, :]
     causal = k <= q
     overlaps = last_doc[None, :] >= first_doc[:, None]  # with k <= q: shares a document
@@ -55,30 +66,40 @@ def block_attention_masks(docs: Tensor, windows, block_size: int) -> list:
 
     masks = []
     for window in windows:
-        in_window = (q - k) < window
-        kv_num, kv_idx = _ordered(partial & in_window)
-        full_num, full_idx = _ordered(full & in_window)
+        if token_window:  # the two blocks' nearest and farthest token pairs
+            some_in = (q - k - 1) * block_size + 1 <= window
+            all_in = (q - k + 1) * block_size - 1 <= window
+        else:
+            some_in = all_in = (q - k) < window
+        kv_num, kv_idx = _ordered(partial & some_in | full & some_in & ~all_in)
+        full_num, full_idx = _ordered(full & all_in)
+        rule = _mask_rule(docs, window, block_size, token_window, rows_per_token)
         masks.append(BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
-                                              BLOCK_SIZE=block_size,
-                                              mask_mod=_mask_rule(docs, window, block_size)))
+                                              BLOCK_SIZE=block_size, mask_mod=rule))
     return masks
 
 
-def _mask_rule(docs: Tensor, window, block_size: int):
+def _mask_rule(docs: Tensor, window, block_size: int, token_window: bool, rows_per_token: int):
     """The rule as a FlexAttention mask_mod. The window is repeated here although the block
-    lists already enforce it: FlexAttention without compile applies only the mask_mod."""
+    lists already enforce it: FlexAttention without compile applies only the mask_mod. It
+    reads ``docs`` itself (a row's token by division), not a tensor derived from it inside a
+    compiled graph, which inductor cannot lower in a mask_mod."""
 
     def rule(batch, head, q_idx, kv_idx):
-        in_window = q_idx // block_size - kv_idx // block_size < window
-        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx]) & in_window
+        if token_window:
+            in_window = q_idx - kv_idx <= window
+        else:
+            in_window = q_idx // block_size - kv_idx // block_size < window
+        same_doc = docs[q_idx // rows_per_token] == docs[kv_idx // rows_per_token]
+        return (q_idx >= kv_idx) & same_doc & in_window
 
     return rule
 
 
-def attention_masks(docs: Tensor, windows, block_size: int, on_gpu: bool) -> dict:
-    """{"S": short-window mask, "L": long-window mask} in the encoding of the device."""
+def attention_masks(docs: Tensor, windows, block_size: int, on_gpu: bool,
+                    token_window=False, rows_per_token=1) -> list:
+    """A mask for each window, in the encoding of the device."""
     if on_gpu:
-        short, long = block_attention_masks(docs, windows, block_size)
-    else:
-        short, long = (dense_attention_mask(docs, w, block_size) for w in windows)
-    return {"S": short, "L": long}
+        return block_attention_masks(docs, windows, block_size, token_window, rows_per_token)
+    return [dense_attention_mask(docs, w, block_size, token_window, rows_per_token)
+            for w in windows]

@@ -19,7 +19,9 @@ GATED_ACTIVATIONS = ("swiglu", "geglu")
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, proj_lr_mul: float):
+        """``proj_lr_mul``: the (dim, hidden) down projection gets no shape boost in the matrix
+        optimizer, unlike the (hidden, dim) up projection; hidden/dim^0.5 restores parity."""
         super().__init__()
         dim, hidden = config.model_dim, config.ffn_dim
         width = 2 * hidden if config.activation in GATED_ACTIVATIONS else hidden
@@ -27,10 +29,7 @@ class MLP(nn.Module):
         self.fp8 = config.fp8_mlp
         self.fc = make_param(uniform_matrix(width, dim, std_scale=config.init_std, fan_in=dim),
                              "mlp")
-        # (dim, hidden) gets no shape boost in the matrix optimizer, unlike (hidden, dim);
-        # lr_mul hidden/dim^0.5 restores parity between the two.
-        self.proj = make_param(torch.zeros(dim, hidden), "mlp",
-                               lr_mul=max(1.0, hidden / dim) ** 0.5)
+        self.proj = make_param(torch.zeros(dim, hidden), "mlp", lr_mul=proj_lr_mul)
 
     def forward(self, x):
         fc = kernels.linear(x, self.fc, self.fp8)

@@ -98,3 +98,14 @@ class Yarn(nn.Module):
     def set_extra_state(self, state):
         self.current = None if state["windows"] is None else tuple(state["windows"])
         self.windows.copy_(torch.tensor(self.current or (0, 0), dtype=torch.int32))
+
+
+def apply_rotary_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (..., D) by position with adjacent pairs (x[2j], x[2j+1]) for the first
+    cos.size(-1) pairs, the rest unrotated (record #89's layout); cos and sin broadcast to
+    (..., pairs)."""
+    pairs = cos.size(-1)
+    rotating, still = x[..., :2 * pairs].float(), x[..., 2 * pairs:]
+    x1, x2 = rotating.unflatten(-1, (pairs, 2)).unbind(-1)
+    rotated = torch.stack([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([rotated.type_as(x), still], dim=-1)

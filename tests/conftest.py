@@ -9,21 +9,41 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 sys.path.insert(0, str(REPO_ROOT))
+# One thread for every test process and the processes they start: the tests' shapes are tiny,
+# and a second OpenMP thread only waits at every op's barrier, for whole time slices when the
+# other core is busy (10x slower steps seen with another process running).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 if (SHARED / "tiktoken").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str((SHARED / "tiktoken").resolve()))
 
 
 @pytest.fixture
 def tiny_model_config():
-    """A 4-layer model with every trick switched on, small enough for CPU tests."""
+    """Record #89's 11-layer model with every piece, at width 32, for CPU tests."""
+    return tiny_gpt_config()
+
+
+def tiny_gpt_config():
+    import run
+
+    config = run.load_config(REPO_ROOT / "config" / "base.py")["model_config"]
+    return dict(config, model_dim=32, num_heads=2, head_dim=16, ffn_dim=64, block_size=16,
+                dc_window=14, bigram_rows=512, bigram_sign_rows=32, gate_hidden=8,
+                mudd_hidden=8, prefix_prediction=False, fp8_lm_head=False, fp8_mlp=False)
+
+
+@pytest.fixture
+def record55_model_config():
+    """Record #55's model: 4 layers with every trick switched on, small enough for CPU tests."""
     return dict(
+        architecture="record55",
         vocab_size=50257, vocab_multiple=128, num_layers=4, model_dim=64, num_heads=2,
         head_dim=32, ffn_dim=128, activation="relu2", block_size=16, window_pattern="SL-L",
         attn_scale=0.12, rope_base=1024.0, rope_fraction=0.5, yarn_alpha=1.0, yarn_beta=32.0,
         yarn_attn_factor=0.2, value_embed_layers=((0, 3),), attn_gate=True, smear_gate=True,
         skip_connections=((0, 3),), backout_layer=1, residual_init=1.1, x0_init=0.0,
         skip_lambda_init=-1.5, backout_init=0.5, logit_softcap=23.0, softcap_form="sigmoid",
-        softcap_shift=5.0, softcap_temp=7.5, fused_loss=True, fp8_lm_head=False, fp8_mlp=False,
+        softcap_shift=5.0, softcap_temp=7.5, fp8_lm_head=False, fp8_mlp=False,
         init_std=0.5, lm_head_init_std=0.005)
 
 
@@ -36,14 +56,13 @@ def optimizer_config():
 
 
 def gpt_config(model_config):
-    """A model_config dict as the typed GPTConfig the model takes."""
-    from model import GPTConfig
-    from utils import build_section
+    """A model_config dict as the typed config its model takes."""
+    from model import model_config as typed
 
-    return build_section(GPTConfig, "model_config", model_config)
+    return typed(model_config)
 
 
 def make_gpt(model_config):
-    from model import GPT
+    from model import build_model
 
-    return GPT(gpt_config(model_config))
+    return build_model(gpt_config(model_config))

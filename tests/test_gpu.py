@@ -171,3 +171,37 @@ def test_compiled_optimizer_steps_match_eager_and_compile_once(tiny_model_config
                                          strict=True):
         error = ((p_gpu.cpu() - p_cpu).norm() / (p_cpu - p_0).norm()).item()
         assert error < 0.05, (name, error)
+
+
+def test_record89_parity_in_bf16_on_gpu():
+    """tests/test_parity_model.py's comparison with the record's numbers, on the GPU with the
+    CUDA dtype plan (bf16 activations, float8 off: the tiny shapes are not multiples of 16):
+    the loss and every gradient within bf16's reach of the record's float32 ones."""
+    import test_parity_model as parity
+
+    inputs = torch.load(parity.REFERENCE / "model_inputs.pt", weights_only=True)
+    outputs = torch.load(parity.REFERENCE / "model_outputs.pt", weights_only=True)
+    gpt = make_gpt(parity.tiny_config(inputs["config"]))
+    vocab = inputs["config"]["padded_vocab"]
+    with torch.no_grad():
+        for param, value in parity.from_record(gpt, inputs["params"], vocab).items():
+            param.copy_(value)
+        gpt.bigram.signs.copy_(inputs["buffers"]["bigram_sign_table"])
+    gpt.prefix_table = inputs["buffers"]["prefix_table"]
+    gpt = gpt.cuda()
+    x, y, docs, s = parity.batch(inputs)
+    gpt.yarn.set_windows(parity.windows_in_blocks(s["train_windows_tokens"],
+                                                  inputs["config"]["block_size"]))
+    loss = gpt(x.cuda(), y.cuda(), docs.cuda(), parity.loss_weights(s).cuda()) * x.numel()
+    loss.backward()
+    want = outputs["loss"]["train_total"].item()
+    print(f"bf16 loss {loss.item():.4f} record (float32) {want:.4f}")
+    assert loss.item() == pytest.approx(want, rel=2e-2)
+    errors = {}
+    for param, expected in parity.from_record(gpt, outputs["grads"], vocab).items():
+        got = param.grad.cpu() if param.grad is not None else torch.zeros(param.shape)
+        errors[param] = ((got - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+    names = {param: name for name, param in gpt.named_parameters()}
+    worst = sorted(errors.items(), key=lambda item: item[1])[-5:]
+    print({names[p]: round(e, 4) for p, e in worst})
+    assert all(e < 0.1 for e in errors.values())

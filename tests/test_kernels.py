@@ -24,10 +24,14 @@ def reference(hidden, weight, targets, tanh):
     return kernels.softcap_cross_entropy_reference(logits, targets, *SOFTCAP, tanh)
 
 
-def gradient(q, inv_sum, target_slope, targets):
-    """d loss_row / d logits from ``loss_and_factors``'s factors: q / S - dc_t * onehot."""
-    grad = q.float() * inv_sum[:, None]
-    grad[torch.arange(len(targets)), targets] -= target_slope
+def gradient(q, inv_sum, target_slope, targets, weights):
+    """d loss_row / d logits from ``loss_and_factors``'s factors:
+    W q / S - sum_j w_j dc_j onehot(t_j)."""
+    grad = q.float() * (inv_sum * weights.sum(-1))[:, None]
+    rows = torch.arange(len(targets))
+    for j in range(targets.size(1)):
+        present = targets[:, j] >= 0
+        grad[rows[present], targets[present, j]] -= (target_slope * weights)[present, j]
     return grad
 
 
@@ -40,17 +44,57 @@ def make_inputs(rows=40, dim=24, vocab=300, seed=0):
     return hidden, weight, targets
 
 
+def several_targets(rows, vocab, seed=0):
+    """Three targets a row with weights (the next tokens and a prefix token, say), some
+    absent (-1, weight 0), and one target repeated within a row."""
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, vocab, (rows, 3), generator=g)
+    weights = torch.rand(rows, 3, generator=g) + 0.1
+    targets[-1, 1:] = -1
+    targets[-2, 2] = -1
+    weights[targets < 0] = 0.0
+    targets[0, 2] = targets[0, 0]
+    return targets, weights
+
+
+def weighted_reference(logits, targets, weights, tanh):
+    """sum_j w_j CE(row, t_j) by autograd's cross-entropy, one target column at a time."""
+    capped = kernels.softcap(logits.float(), *SOFTCAP, tanh)
+    return sum(weights[:, j] * torch.nn.functional.cross_entropy(
+        capped, targets[:, j].clamp_min(0), reduction="none") for j in range(targets.size(1)))
+
+
 @pytest.mark.parametrize("tanh", [False, True])
 def test_loss_and_factors_give_the_autograd_gradient(tanh):
     logits = (torch.randn(7, 90) * 8).requires_grad_()
-    targets = torch.randint(0, 90, (7,))
-    loss, q, inv_sum, slope = kernels.loss_and_factors(logits, targets, *SOFTCAP, tanh)
-    capped = kernels.softcap(logits, *SOFTCAP, tanh)
-    expected = torch.nn.functional.cross_entropy(capped, targets, reduction="none")
+    targets, weights = several_targets(7, 90)
+    loss, q, inv_sum, slope = kernels.loss_and_factors(logits, targets, weights, *SOFTCAP,
+                                                       tanh)
+    expected = weighted_reference(logits, targets, weights, tanh)
     expected.sum().backward()
     torch.testing.assert_close(loss, expected.detach())
-    torch.testing.assert_close(gradient(q, inv_sum, slope, targets), logits.grad)
+    torch.testing.assert_close(gradient(q, inv_sum, slope, targets, weights), logits.grad)
     assert 0 < q.min() and q.max() <= kernels.grad_bound(SOFTCAP[0], SOFTCAP[2], tanh)
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_several_weighted_targets_match_autograd(backend):
+    hidden, weight, _ = make_inputs()
+    targets, weights = several_targets(hidden.size(0), weight.size(0))
+    op = kernels.linear_softcap_cross_entropy
+    if backend:
+        torch._dynamo.reset()
+        op = torch.compile(op, backend=backend, fullgraph=True)
+    loss = op(hidden, weight, targets, *SOFTCAP, False, weights=weights)
+    loss.backward()
+    grads = hidden.grad, weight.grad
+    hidden.grad = weight.grad = None
+    logits = torch.nn.functional.linear(hidden, weight)
+    expected = weighted_reference(logits, targets, weights, False).mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], weight.grad)
 
 
 @pytest.mark.parametrize("tanh", [False, True])
@@ -78,8 +122,9 @@ def test_no_gradient_work_without_autograd():
     with torch.no_grad():
         loss = kernels.linear_softcap_cross_entropy(hidden, weight, targets, *SOFTCAP, False)
         empty = torch.empty(0)
-        _, *factors = kernels._linear_softcap_ce(hidden, weight, targets, empty, empty, empty,
-                                                  empty, *SOFTCAP, False, False)
+        _, *factors = kernels._linear_softcap_ce(hidden, weight, targets[:, None],
+                                                  torch.ones(len(targets), 1), empty, empty,
+                                                  empty, empty, *SOFTCAP, False, False)
     assert all(f.numel() == 0 for f in factors)
     torch.testing.assert_close(loss, reference(hidden, weight, targets, False))
 
@@ -107,18 +152,14 @@ CHECK = textwrap.dedent("""
         # rows and vocabularies that are and are not multiples of the kernel's tile
         for rows, vocab in ((70, 300), (64, 256), (3, 1000)):
             logits = (torch.randn(rows, vocab) * 6).to(torch.bfloat16)
-            targets = torch.randint(0, vocab, (rows,))
-            targets[0], targets[-1] = 0, vocab - 1
-            expected = kernels.loss_and_factors(logits, targets, cap, shift, temp, tanh)
-            only_loss = kernels.kernel_loss_and_factors(logits, targets, cap, shift, temp, tanh)
+            expected = kernels.row_factors(logits, cap, shift, temp, tanh)
+            only_loss = kernels.kernel_row_factors(logits, cap, shift, temp, tanh)
             q = torch.empty(rows, vocab, dtype=torch.float32)
-            separate = kernels.kernel_loss_and_factors(logits, targets, cap, shift, temp, tanh,
-                                                       q, q_scale=4.0)
+            separate = kernels.kernel_row_factors(logits, cap, shift, temp, tanh, q, q_scale=4.0)
             in_place = logits.clone()
-            over = kernels.kernel_loss_and_factors(in_place, targets, cap, shift, temp, tanh,
-                                                   in_place)
+            over = kernels.kernel_row_factors(in_place, cap, shift, temp, tanh, in_place)
             for got in (only_loss, separate, over):
-                for a, b in zip(got, (expected[0], expected[2], expected[3])):
+                for a, b in zip(got, (expected[0], expected[2])):
                     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(q / 4.0, expected[1], atol=1e-6, rtol=1e-5)
             # written over the bf16 logits: compare at bf16 resolution

@@ -16,36 +16,47 @@ def tokens(n, doc_starts=(0,), seed=1):
     return x
 
 
-def brute_force_mask(docs, window, block):
+def brute_force_mask(docs, window, block, token_window=False):
     T = len(docs)
     mask = torch.zeros(T, T, dtype=torch.bool)
     for q in range(T):
         for k in range(q + 1):
-            mask[q, k] = docs[q] == docs[k] and q // block - k // block < window
+            near = q - k <= window if token_window else q // block - k // block < window
+            mask[q, k] = docs[q] == docs[k] and near
     return mask
 
 
-def test_dense_mask_is_the_rule():
+@pytest.mark.parametrize("token_window", [False, True])
+def test_dense_mask_is_the_rule(token_window):
     x = tokens(64, doc_starts=(0, 5, 30, 31, 47))
     docs = document_ids(x)
-    for window in (1, 2, 3, 10):
-        assert torch.equal(dense_attention_mask(docs, window, 8),
-                           brute_force_mask(docs.tolist(), window, 8))
+    for window in (1, 2, 3, 10, 17):
+        assert torch.equal(dense_attention_mask(docs, window, 8, token_window),
+                           brute_force_mask(docs.tolist(), window, 8, token_window))
 
 
-@pytest.mark.parametrize("window", [1, 2, 5])
-def test_block_mask_matches_dense_mask(window):
+@pytest.mark.parametrize("window,token_window", [(1, False), (2, False), (5, False),
+                                                 (0, True), (15, True), (16, True), (37, True),
+                                                 (80, True)])
+def test_block_mask_matches_dense_mask(window, token_window):
     x = tokens(128, doc_starts=(0, 5, 30, 31, 47, 64, 100))
     docs = document_ids(x)
-    (block_mask,) = block_attention_masks(docs, [window], 16)
-    assert torch.equal(block_mask.to_dense().bool()[0, 0].repeat_interleave(16, 0)
-                       .repeat_interleave(16, 1) & brute_force_mask(docs.tolist(), window, 16),
-                       brute_force_mask(docs.tolist(), window, 16))
+    (block_mask,) = block_attention_masks(docs, [window], 16, token_window)
+    rule = brute_force_mask(docs.tolist(), window, 16, token_window)
+    # the blocks listed cover the rule; full blocks need no per-token mask
+    listed = block_mask.to_dense().bool()[0, 0].repeat_interleave(16, 0).repeat_interleave(16, 1)
+    assert torch.equal(listed & rule, rule)
+    full = torch.zeros(8, 8, dtype=torch.bool)
+    for q in range(8):
+        n = block_mask.full_kv_num_blocks[0, 0, q]
+        full[q, block_mask.full_kv_indices[0, 0, q, :n]] = True
+    full = full.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    assert torch.equal(full & rule, full)
     # FlexAttention (whose forward runs on the CPU) and SDPA with the dense mask agree
     q, k, v = torch.randn(3, 1, 2, 128, 32).unbind(0)
     flex = flex_attention(q, k, v, block_mask=block_mask, scale=0.1)
     dense = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=dense_attention_mask(docs, window, 16), scale=0.1)
+        q, k, v, attn_mask=dense_attention_mask(docs, window, 16, token_window), scale=0.1)
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
 
 
@@ -57,3 +68,21 @@ def test_block_mask_skips_blocks_outside_window_and_documents():
     # the first block of each document has only its diagonal (partial) block
     assert [kv_num[i] + full_num[i] for i in range(8)] == [1, 2, 2, 2, 1, 2, 2, 2]
     assert full_num == [0, 1, 1, 1, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("rows_per_token", [1, 2])
+def test_doubled_rows_follow_their_tokens_documents(rows_per_token):
+    """Paired heads attend over a doubled sequence, rows 2t and 2t + 1 belonging to token t:
+    the masks over the rows are those of the repeated document ids, read through the tokens."""
+    x = tokens(64, doc_starts=(0, 5, 30, 31, 47))
+    docs = document_ids(x)
+    rows = docs.repeat_interleave(rows_per_token)
+    want = brute_force_mask(rows.tolist(), 20, 16, token_window=True)
+    assert torch.equal(dense_attention_mask(docs, 20, 16, True, rows_per_token), want)
+    (block_mask,) = block_attention_masks(docs, [20], 16, True, rows_per_token)
+    listed = block_mask.to_dense().bool()[0, 0].repeat_interleave(16, 0).repeat_interleave(16, 1)
+    assert torch.equal(listed & want, want)
+    q, k, v = torch.randn(3, 1, 2, 64 * rows_per_token, 32).unbind(0)
+    flex = flex_attention(q, k, v, block_mask=block_mask, scale=0.1)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=want, scale=0.1)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)

@@ -1,21 +1,20 @@
-"""model.py: causality, document isolation, windows, the one graph, init, labels, dtypes."""
+"""model.py (record #89's GPT): causality, document isolation, the reach validation relies on,
+the gate layout, one compiled graph, labels, dtypes, FLOPs. Its parity with the record's own
+code is tests/test_parity_model.py."""
 
 import re
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import make_gpt
 
 import kernels
 import model as M
 import optimizers
 import run
-from data.shards import BOS_ID
-from layers.core import norm
-from layers.masks import dense_attention_mask
-from layers.mlp import ACTIVATIONS
+from data.loader import validation_pieces
+from data.shards import BOS_ID, write_shard
 from utils import ConfigError
 
 BOS = BOS_ID
@@ -43,7 +42,7 @@ def tokens(n, doc_starts=(0,), seed=1):
 
 
 def test_causality(tiny_model_config):
-    gpt = make_model(tiny_model_config, 2, 4)
+    gpt = make_model(tiny_model_config)
     x = tokens(96, doc_starts=(0, 40))
     logits = gpt(x)
     for t in (10, 41, 70):
@@ -54,51 +53,80 @@ def test_causality(tiny_model_config):
 
 
 def test_document_isolation(tiny_model_config):
-    gpt = make_model(tiny_model_config, 2, 4)
+    """A document's outputs depend on no other document but through its start: the bigram
+    hash and the smear gate read the token before it, and (as in the record) the key offset
+    gives its first token the previous token's key, which has seen that document. Without the
+    key offset, a rewrite of the previous document but its last token changes nothing."""
+    gpt = make_model(dict(tiny_model_config, key_offset=False))
     x = tokens(96, doc_starts=(0, 40))
     changed = x.clone()
-    changed[1:40] = tokens(39, seed=7)  # rewrite document one; document two starts at 40
+    changed[1:39] = tokens(38, seed=7)  # rewrite document one but its last token
     torch.testing.assert_close(gpt(changed)[40:], gpt(x)[40:], atol=1e-5, rtol=0)
 
 
-def test_window_limit(tiny_model_config):
-    # One attention layer with a 2-block window: a key 2+ blocks back has no influence.
-    config = dict(tiny_model_config, num_layers=1, window_pattern="L", value_embed_layers=(),
-                  skip_connections=(), backout_layer=None)
-    gpt = make_model(config, 1, 2)
-    x = tokens(96)
+def test_reach_bounds_what_a_token_sees(tiny_model_config):
+    """Validation scores a chunk in pieces behind ``receptive_field`` tokens of context: a token
+    further back than that must not change an output, one at the edge of a window must."""
+    gpt = make_model(tiny_model_config)
+    windows = (1, 2)
+    reach = gpt.config.receptive_field(windows)
+    T = -(-(reach + 64) // 16) * 16
+    x = tokens(T)
     changed = x.clone()
-    changed[20] = 123  # block 1 (tokens 16..31); smear also reaches token 21, still block 1
+    changed[5] = (x[5] + 1) % 50000
     diff = (gpt(changed) - gpt(x)).abs().amax(-1)
-    assert diff[:20].max() == 0
-    assert (diff[20:48] > 0).all()  # block 1 and 2 see it
-    assert diff[48:].max() == 0  # block 3 onwards is out of the window
+    assert diff[:5].max() == 0 and diff[5:40].min() > 0
+    assert diff[5 + reach + 1:].max() == 0
 
 
-def test_one_compiled_graph_before_and_after_the_untie(tiny_model_config):
+def test_validation_pieces_score_as_one_pass(tiny_model_config, tmp_path):
+    """A chunk scored in pieces behind their context gives the losses of one pass over it."""
+    gpt = make_model(tiny_model_config)
+    stream = tokens(2000, doc_starts=(0, 300, 301, 900, 1500)).numpy()
+    write_shard(tmp_path / "v_val_000000.bin", stream)
+    context = -(-gpt.config.receptive_field((1, 2)) // 16) * 16
+    pieces, scored = validation_pieces(str(tmp_path / "v_val_*.bin"), 1024, 512, 256,
+                                       context)
+    assert scored == 1024 and len(pieces) == 2 * (1 + 256 // (256 - context) + 1)
+    weights = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    with torch.no_grad():
+        total = sum(gpt(x, y, None, weights) * x.numel() for x, y in pieces)
+        whole = [gpt(torch.from_numpy(stream[s:s + 512]).long(),
+                     torch.from_numpy(stream[s + 1:s + 513]).long(), None, weights) * 512
+                 for s in (0, 512)]
+    assert total.item() == pytest.approx(sum(whole).item(), rel=1e-5)
+
+
+def test_gate_layout_is_the_records(tiny_model_config):
+    """The channels of the two gate networks, in the record's order (its mudd_gate_b2 rows):
+    pre 26 (XSA of layers 1 and 3, the gate of 3, x0 and bigram gates of 0-3), post 41 (XSA of
+    4 and 7, the gate of 10, x0 and bigram gates of 4, 5, 7, 8, 9, the skip, DC's mixes)."""
+    layout = make_gpt(tiny_model_config).layout
+    H = 2
+    assert layout.sizes == (3 * H + 8, 5 * H + 11)
+    assert layout.slots["xsa", 1] == (0, 0, H) and layout.slots["xsa", 3] == (0, H, H)
+    assert layout.slots["attn_gate", 3] == (0, 2 * H, H)
+    assert layout.slots["x0", 0] == (0, 3 * H, 1) and layout.slots["bigram", 3] == (0, 3 * H + 7, 1)
+    assert layout.slots["skip", 6] == (1, 3 * H + 10, 1)
+    assert layout.slots["dc_w2", 10] == (1, 3 * H + 11 + H, H)
+    full = make_gpt(run.load_config(Path(M.__file__).parent / "config" / "base.py")
+                    ["model_config"] | {"prefix_prediction": False}).layout
+    assert full.sizes == (26, 41)
+
+
+def test_one_compiled_graph_across_the_untie_windows_and_loss_weights(tiny_model_config):
     gpt = make_model(tiny_model_config)
     compiled = torch.compile(gpt, backend="eager", fullgraph=True, dynamic=False)
     x, y = tokens(64), tokens(64, seed=3)
-    compiled(x, y).backward()
+    weights = torch.tensor([1.0, 0.5, 0.25, 0.25])
+    compiled(x, y, None, weights).backward()
     gpt.tie.untie(optimizers.build_optimizer(gpt, optimizers.OptimizerConfig.from_dict(
         run.load_config(Path(M.__file__).parent / "config" / "cpu.py")["optimizer_config"])))
     with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled(x, y).backward()
+        compiled(x, y, None, weights).backward()
         gpt.yarn.set_windows((2, 4))
-        compiled(x, y).backward()
-
-
-def test_blocks_are_identity_at_init(tiny_model_config):
-    # Zero output projections: every block adds nothing; the residual scalings, the skip and
-    # the backout only rescale x0, which the final norm removes. So the logits at init are
-    # those of the tied embedding alone.
-    torch.manual_seed(0)
-    gpt = make_gpt(tiny_model_config)
-    gpt.yarn.set_windows((1, 2))
-    x = tokens(64)
-    e = norm(F.embedding(x, gpt.lm_head))  # smear lambda is 0 at init
-    expected = kernels.softcap(norm(e) @ gpt.lm_head.T, *gpt.softcap_args)[:, :50257]
-    torch.testing.assert_close(gpt(x), expected, atol=1e-5, rtol=1e-5)
+        weights.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        compiled(x, y, None, weights).backward()
 
 
 def test_every_parameter_has_a_known_group(tiny_model_config):
@@ -110,27 +138,17 @@ def test_every_parameter_has_a_known_group(tiny_model_config):
             assert p.ndim >= 2, name
 
 
-def test_activations(tiny_model_config):
-    x = tokens(32)
-    for activation in ACTIVATIONS:
-        gpt = make_model(dict(tiny_model_config, activation=activation))
-        assert torch.isfinite(gpt(x)).all(), activation
-
-
-def test_tanh_softcap(tiny_model_config):
-    gpt = make_gpt(dict(tiny_model_config, softcap_form="tanh", logit_softcap=15.0))
-    z = torch.tensor([-1000.0, 0.0, 1000.0])
-    torch.testing.assert_close(kernels.softcap(z, *gpt.softcap_args),
-                               torch.tensor([-15.0, 0.0, 15.0]))
-
-
 def test_bad_config_is_named(tiny_model_config):
     with pytest.raises(ConfigError, match="window_pattern"):
         make_gpt(dict(tiny_model_config, window_pattern="SLX"))
     with pytest.raises(ConfigError, match="unknown keys \\['nope'\\]"):
         make_gpt(dict(tiny_model_config, nope=1))
-    with pytest.raises(ConfigError, match="no attention"):
-        make_gpt(dict(tiny_model_config, value_embed_layers=((2,),)))
+    with pytest.raises(ConfigError, match="distinct attention layers"):
+        make_gpt(dict(tiny_model_config, xsa_layers=(6,)))
+    with pytest.raises(ConfigError, match="unpaired heads"):
+        make_gpt(dict(tiny_model_config, xsa_layers=(0,)))
+    with pytest.raises(ConfigError, match="dc_window"):
+        make_gpt(dict(tiny_model_config, dc_window=17))
 
 
 def test_sgd_reduces_loss(tiny_model_config):
@@ -150,49 +168,41 @@ def test_sgd_reduces_loss(tiny_model_config):
 
 def test_flops_per_token_counts_keys(tiny_model_config):
     gpt = make_gpt(tiny_model_config)
-    T = 64
-    docs = torch.zeros(T, dtype=torch.int32)
-    keys = {w: dense_attention_mask(docs, w, 16).sum().item() / T for w in (1, 2)}
     matmul = sum(p.numel() for p in gpt.parameters() if p.label in ("attn", "mlp"))
     matmul += gpt.lm_head.numel()
-    attention = 4 * 64 * (keys[1] + 2 * keys[2])  # pattern S L - L
-    assert gpt.flops_per_token(T, (1, 2)) == pytest.approx(6 * matmul + 3 * attention)
+    # 8 short-window layers (17 keys) and 2 long (33 keys), 32 = heads x head_dim
+    attention = 4 * 32 * (8 * 17 + 2 * 33)
+    assert gpt.flops_per_token(64, (1, 2)) == pytest.approx(6 * matmul + 3 * attention)
 
 
 def test_no_graph_breaks(tiny_model_config):
     gpt = make_model(tiny_model_config)
     x, y = tokens(64), tokens(64, seed=2)
-    explanation = torch._dynamo.explain(gpt)(x, y)
+    explanation = torch._dynamo.explain(gpt)(x, y, None, torch.tensor([1.0, 0.5, 0.2, 0.1]))
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 def test_base_parameter_count_matches_readme():
     config = run.load_config(Path(M.__file__).parent / "config" / "base.py")["model_config"]
     with torch.device("meta"):
-        gpt = make_gpt(config)
-    untied = sum(p.numel() for p in gpt.parameters())
+        gpt = make_gpt(dict(config, prefix_prediction=False))
+    total = sum(p.numel() for p in gpt.parameters())
     readme = (Path(M.__file__).parent / "README.md").read_text()
-    found = re.search(r"([\d,]+) parameters", readme)
-    assert found and int(found.group(1).replace(",", "")) == untied - gpt.embed.numel()
-    assert f"{untied:,} for `config/base.py`" in readme
+    found = re.search(r"`config/base.py` \| [^|]* \| ([\d,]+) \|", readme)
+    assert found and int(found.group(1).replace(",", "")) == total
 
 
 def test_bf16_compute_keeps_activations_bf16_and_tracks_float32(tiny_model_config, monkeypatch):
-    """The CUDA dtype plan, run on the CPU: with bf16 compute every block's output and the
-    hidden states reaching the lm_head op are bf16 (a float32 scalar parameter promoting the
-    residual stream would make the lm_head matmul float32 and its (T, V) buffer twice the
-    size), the parameters and their gradients stay float32, and the loss and gradients stay
-    close to the float32 model's."""
+    """The CUDA dtype plan, run on the CPU: with bf16 compute the hidden states reaching the
+    lm_head op are bf16, the parameters and their gradients stay float32, and the loss and
+    gradients stay close to the float32 model's."""
     gpt = make_model(tiny_model_config)
     x = tokens(128, doc_starts=(0, 50))
     y = torch.roll(x, -1)
     loss32 = gpt(x, y)
     grads32 = torch.autograd.grad(loss32, list(gpt.parameters()))
-
     monkeypatch.setattr(M.GPT, "compute_dtype", staticmethod(lambda inputs: torch.bfloat16))
     seen = []
-    hooks = [b.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-             for b in gpt.blocks]
     op = kernels.linear_softcap_cross_entropy
 
     def recording_op(hidden, weight, *args, **kwargs):
@@ -202,12 +212,10 @@ def test_bf16_compute_keeps_activations_bf16_and_tracks_float32(tiny_model_confi
     monkeypatch.setattr(kernels, "linear_softcap_cross_entropy", recording_op)
     loss16 = gpt(x, y)
     grads16 = torch.autograd.grad(loss16, list(gpt.parameters()))
-    for h in hooks:
-        h.remove()
-    assert seen == [torch.bfloat16] * len(gpt.blocks) + [(torch.bfloat16, torch.bfloat16)]
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
     assert loss16.dtype == torch.float32
     assert loss16.item() == pytest.approx(loss32.item(), rel=1e-2)
     for (name, p), g16, g32 in zip(gpt.named_parameters(), grads16, grads32, strict=True):
         assert p.dtype == g16.dtype == torch.float32, name
         error = (g16 - g32).norm() / g32.norm().clamp_min(1e-12)
-        assert error < 0.1, (name, error.item())
+        assert error < 0.15, (name, error.item())

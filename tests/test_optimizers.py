@@ -689,12 +689,13 @@ def test_split_covers_the_base_model_exactly_once():
 
     base = run.load_config(REPO_ROOT / "config" / "base.py")
     with torch.device("meta"):
-        gpt = GPT(gpt_config(base["model_config"]))
+        gpt = GPT(gpt_config(dict(base["model_config"], prefix_prediction=False)))
     split = groups(build_optimizer(gpt, base["optimizer_config"]))
     named = dict(gpt.named_parameters())
     seen = [name for members in split.values() for name in members]
     assert sorted(seen) == sorted(named)  # every parameter, none twice
-    assert {n for n in split["adam"]} == {"lm_head", "embed", "value_embeds.tables.0",
-                                          "value_embeds.tables.1", "value_embeds.tables.2"}
+    assert {n for n in split["adam"]} == {"lm_head", "embed", "bigram.table",
+                                          *(f"value_embeds.tables.{i}" for i in range(5))}
     assert all(named[n].label in ("attn", "mlp") for n in split["matrix"])
-    assert all(named[n].label in ("scalar", "gate") for n in split["scalar"])
+    assert all(named[n].label in ("scalar", "gate", "resid_lambda", "post_lambda", "mudd",
+                                  "mudd_gate") for n in split["scalar"])

@@ -49,16 +49,20 @@ def config(tmp_path, data_dir):
 def tiny_config(tmp_path, data_dir):
     """config/cpu.py shrunk to seconds: 12 + 2 steps, stages at steps 4 and 8, untie at 6."""
     config = run.load_config(utils.REPO_ROOT / "config" / "cpu.py")
-    config["model_config"].update(num_layers=4, model_dim=32, num_heads=2, head_dim=16,
-                                  ffn_dim=64, block_size=16)
+    config["model_config"].update(model_dim=32, num_heads=2, head_dim=16, ffn_dim=64,
+                                  block_size=16, dc_window=14, bigram_rows=512,
+                                  bigram_sign_rows=32, gate_hidden=8, mudd_hidden=8,
+                                  prefix_prediction=False)
     config["training_config"].update(
-        max_seq_len=64, batch_size_multiple=2, val_tokens=256, val_loss_every=5,
-        checkpoint_dir=str(tmp_path / "ckpt"), records_dir=str(tmp_path / "records"),
-        target_val_loss=20.0)
+        max_seq_len=64, batch_size_multiple=2, val_tokens=256, val_chunk_tokens=128,
+        val_loss_every=5, checkpoint_dir=str(tmp_path / "ckpt"),
+        records_dir=str(tmp_path / "records"), target_val_loss=40.0)
     config["schedule"].update(
         num_scheduled_iterations=12, num_extension_iterations=2, split_frac=0.5,
         freeze_scalars_steps=2, momentum_warmup_steps=3, momentum_cooldown_steps=2,
-        stages=(dict(duration=1 / 3, tokens=128, windows=(1, 2), lr_mul=1.0),
+        cooldown_frac=0.5, final_lr_ratio=0.1, final_lr_absolute=False, adam_every=1,
+        stages=(dict(duration=1 / 3, tokens=128, windows=(1, 2), lr_mul=1.0, max_seq_len=32,
+                     mtp_weights=(1.0, 0.5), mtp_weights_end=(1.0, 0.0)),
                 dict(duration=1 / 3, tokens=256, windows=(1, 3), lr_mul=1.52),
                 dict(duration=1 / 3, tokens=256, windows=(2, 4), lr_mul=1.73),
                 dict(tokens=256, windows=(2, 5), lr_mul=1.73)),
@@ -145,20 +149,30 @@ def test_schedule_rejects_bad_tables(config):
 # -- the step ----------------------------------------------------------------------------------
 
 
-def test_gradient_accumulation_equals_one_big_batch(config, tmp_path):
-    # Four 128-token micro-batches (each starting at a BOS) against one 512-token batch made
-    # of the same four: same documents, so the mean loss and gradient must agree.
+@pytest.mark.parametrize("sum_loss_scale", [None, 1 / 8])
+def test_a_steps_gradient_is_the_mean_or_the_scaled_sum_over_its_tokens(config, tmp_path,
+                                                                        sum_loss_scale):
+    """The gradient accumulate() leaves for a step of two 128-token micro-batches: the mean
+    over the step's 256 tokens of their losses' gradients, or sum_loss_scale times the sum
+    (record #89 sums its micro-batches' token losses and divides by 8)."""
+    config["training_config"]["sum_loss_scale"] = sum_loss_scale
     manager = manager_for(config, tmp_path)
-    model = manager.model
-    model.yarn.set_windows((1, 2))
-    batches = [manager.train_loader.next_batch() for _ in range(4)]
-    for inputs, targets in batches:
-        (model(inputs, targets) / 4).backward()
-    accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
+    plan = manager.schedule.at(4)
+    manager.apply(plan)
+    state = manager.train_loader.state_dict()
+    model, weights = manager.model, manager.loss_weights
+    for _ in range(plan.accumulation):  # the sum over the step's tokens, micro-batch by one
+        inputs, targets = manager.train_loader.next_batch()
+        (model(inputs, targets, None, weights) * inputs.numel()).backward()
+    summed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])).backward()
+    manager.train_loader.load_state_dict(state)
+    manager.accumulate(plan)
+    per_token = 1 / plan.tokens if sum_loss_scale is None else sum_loss_scale
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, accumulated[name], atol=2e-6, rtol=1e-4, msg=name)
+        if name in summed:
+            torch.testing.assert_close(p.grad, summed[name] * per_token, rtol=1e-5, atol=1e-9,
+                                       msg=name)
 
 
 def test_smoke_run_is_bit_reproducible(config, tmp_path):
@@ -227,9 +241,12 @@ def test_tied_weights_stay_equal_and_untied_ones_part(config, tmp_path):
     assert not model.tie.tied and not torch.equal(model.embed, model.lm_head)
 
 
-def test_resume_equals_uninterrupted(config, tmp_path):
+@pytest.mark.parametrize("adam_every", [1, 2])
+def test_resume_equals_uninterrupted(config, tmp_path, adam_every):
     # 14 steps straight against 5 steps, a checkpoint, and a fresh process-like rebuild that
     # resumes: the resumed run crosses a window transition (8), the untie (6) and the extension.
+    # With Adam every other step, step 4's gradients wait in the checkpoint for step 5's.
+    config["schedule"]["adam_every"] = adam_every
     reference = manager_for(config, tmp_path)
     expected = losses_of(reference, 14)
     first = manager_for(config, tmp_path)
@@ -250,7 +267,9 @@ def test_warmup_restores_the_initial_state(config, tmp_path):
     assert losses_of(warmed, 8) == plain
 
 
-def test_warmup_after_resuming_an_untied_run(config, tmp_path):
+@pytest.mark.parametrize("adam_every", [1, 2])
+def test_warmup_after_resuming_an_untied_run(config, tmp_path, adam_every):
+    config["schedule"]["adam_every"] = adam_every
     reference = manager_for(config, tmp_path)
     expected = losses_of(reference, 10)
     first = manager_for(config, tmp_path)
@@ -390,8 +409,11 @@ def test_benchmark_mode_reports_every_stage(config, tmp_path):
         assert row["ms_per_step"] > 0 and 0 < row["optimizer_share"] < 1
         assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / row["ms_per_step"]
                                                     * 1000)
+    assert result["projected_train_time_s"] == pytest.approx(
+        sum(r["num_steps"] * r["ms_per_step"] for r in result["stages"]) / 1000)
+    assert [r["num_steps"] for r in result["stages"]] == [4, 4, 4, 2]
     log = (tmp_path / "log.txt").read_text()
-    assert "ms/step" in log and "Self CPU" in log
+    assert "ms/step" in log and "Self CPU" in log and "projected train time" in log
 
 
 def test_git_commit_marks_a_modified_checkout(tmp_path, monkeypatch):

@@ -1,0 +1,49 @@
+"""The bigram hash embedding (modded-nanogpt #201, with the sign trick of #299).
+
+Each position looks up a row of a large table by a hash of its token and the one before it,
+so the model gets (previous, current) pair information without attending for it. The table
+starts at zero and learns through its own gate. Rows are shared by colliding pairs; the sign
+trick multiplies each looked-up row by a fixed random +-1 vector chosen by a second, cheap
+index of the pair (x[t-1] xor x[t]), so that colliding pairs that disagree can still be told
+apart. The hash is the record's, bit for bit, including its quirk at the start of a
+sequence: position 0 takes the reserved last row, and position 1 hashes its token with that
+row's number instead of token 0 (the record overwrites the first entry before it reads it).
+"""
+
+import torch
+from torch import Tensor, nn
+
+from layers.core import make_param
+
+HASH_CURRENT, HASH_PREVIOUS = 36313, 27191
+
+
+def bigram_hash(inputs: Tensor, rows: int) -> Tensor:
+    """Row of each position in a table of ``rows`` rows (int64, (T,)); int32 arithmetic as the
+    record's, whose one overflowing product (at position 1) wraps."""
+    reserved = rows - 1
+    x = inputs.long()
+    previous = torch.cat([x.new_full((2,), reserved), x[1:-1]])[: x.numel()]
+    mixed = (HASH_CURRENT * x) ^ ((HASH_PREVIOUS * previous) & 0xFFFFFFFF)
+    hashed = torch.remainder(mixed, reserved)
+    return torch.cat([x.new_full((1,), reserved), hashed[1:]])[: x.numel()]
+
+
+def sign_index(inputs: Tensor, rows: int) -> Tensor:
+    """(x[t-1] xor x[t]) mod rows for t >= 1, 0 at position 0: the sign vector's row."""
+    x = inputs.long()
+    return torch.cat([x.new_zeros(1), torch.remainder(x[:-1] ^ x[1:], rows)])[: x.numel()]
+
+
+class BigramEmbedding(nn.Module):
+    def __init__(self, rows: int, dim: int, sign_rows: int):
+        super().__init__()
+        self.rows = rows
+        self.table = make_param(torch.zeros(rows, dim), "bigram_embed")
+        # A fixed random +-1 vector per sign row, drawn from the run's seeded generator.
+        self.register_buffer("signs", torch.randn(sign_rows, dim).sign())
+
+    def forward(self, inputs: Tensor, dtype: torch.dtype) -> Tensor:
+        rows = bigram_hash(inputs, self.rows)
+        signs = self.signs[sign_index(inputs, self.signs.size(0))]
+        return (self.table[rows] * signs)[None].to(dtype)
