@@ -575,9 +575,11 @@ class TrainingManager:
     # -- checkpoints --------------------------------------------------------------------------
 
     def checkpoint_state(self):
-        # Gradients still waiting for Adam (schedule.adam_every) are part of the state.
-        pending = {name: p.grad for name, p in self.model.named_parameters()
-                   if p.grad is not None}
+        # Gradients still waiting for Adam (schedule.adam_every) are part of the state: the
+        # mean over the ranks, which every rank of a resumed run holds (the optimizer averages
+        # each rank's gradient, so the mean of such copies plus each rank's own is right).
+        pending = {name: self.world.all_reduce_mean(p.grad.clone())
+                   for name, p in self.model.named_parameters() if p.grad is not None}
         return {"step": self.step, "run_id": self.run_id, "train_time": self.train_time,
                 "history": self.history, "model": self.model.state_dict(),
                 "gradients": pending, "optimizer": self.optimizer.state_dict(),

@@ -51,9 +51,11 @@ def with_tokens(config, *tokens):
 
 
 def two_rank_config(folder, data_dir):
-    """The tiny config with 4 and 8 micro-batches of 128 tokens a step: 2 and 4 per rank."""
+    """The tiny config with 4 and 8 micro-batches of 128 tokens a step: 2 and 4 per rank, and
+    Adam on the odd steps (so checkpoints after odd step counts hold gradients for it)."""
     config = with_tokens(tiny_config(folder, data_dir), 512, 1024, 1024, 1024)
     config["training_config"]["val_tokens"] = 512
+    config["schedule"]["adam_every"] = 2
     return config
 
 
