@@ -26,7 +26,7 @@ from layers.masks import attention_masks, document_ids
 from layers.mlp import ACTIVATIONS, MLP
 from layers.rotary import Yarn
 from layers.routing import Backout, SkipConnections
-from utils import ConfigError
+from utils import ConfigError, check_ranges
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,12 @@ class GPTConfig:
     lm_head_init_std: float  # the (tied) head/embedding: normal with this std
 
     def __post_init__(self):
+        check_ranges("model_config", self,
+                     positive=("vocab_size", "vocab_multiple", "num_layers", "model_dim",
+                               "num_heads", "head_dim", "ffn_dim", "block_size", "rope_base",
+                               "logit_softcap", "softcap_temp"),
+                     non_negative=("init_std", "lm_head_init_std"),
+                     fractions=("rope_fraction",))
         problems = []
         pattern_ok = (len(self.window_pattern) == self.num_layers
                       and not set(self.window_pattern) - set("LS-"))

@@ -7,7 +7,7 @@
 A config is a flat Python module whose public dict attributes (``model_config``,
 ``optimizer_config``, ``training_config``, ``schedule``, ...) are the sections of the run's
 configuration. Any key can be overridden from the command line as ``--key value`` (when the
-key name is unique across sections) or ``--section.key value`` / ``--section.sub.key value``
+key name occurs once in the config) or ``--section.key value`` / ``--section.sub.key value``
 (always unambiguous). Values are parsed as Python literals and must keep the type of the value
 they replace. The command line is checked before torch is imported; then ``build_config``
 turns the sections into their typed, checked objects once (``RunConfig``), before any model
@@ -77,21 +77,19 @@ def _dotted_keys(tree, prefix=""):
 
 
 def _resolve_key(config, key):
-    """Map an override key to a full dotted path, or raise a ConfigError with suggestions."""
-    paths = list(_dotted_keys(config))
-    if "." in key:
-        if key in paths:
-            return key
-        close = difflib.get_close_matches(key, paths, n=5, cutoff=0.5)
-        raise ConfigError(f"unknown config key '{key}'" + _suggest(close))
-    matches = [p for p in paths if p.split(".")[-1] == key and p.count(".") == 1]
+    """Map an override key to a full dotted path, or raise a ConfigError with suggestions.
+
+    A key is a path's tail: 'seed', 'adam.lr' or 'optimizer_config.adam.lr'; it must name
+    exactly one key of the config (sections themselves are not keys)."""
+    paths = [p for p in _dotted_keys(config) if "." in p]
+    matches = [p for p in paths if p == key or p.endswith("." + key)]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise ConfigError(f"ambiguous config key '{key}': it exists in several sections; "
+        raise ConfigError(f"ambiguous config key '{key}': it exists in {len(matches)} places; "
                           f"use one of: {', '.join(sorted(matches))}")
-    leaves = sorted({p.split(".")[-1] for p in paths if p.count(".") == 1})
-    close = difflib.get_close_matches(key, leaves, n=5, cutoff=0.5)
+    leaves = sorted({p.split(".")[-1] for p in paths})
+    close = [] if "." in key else difflib.get_close_matches(key, leaves, n=5, cutoff=0.5)
     close += difflib.get_close_matches(key, paths, n=3, cutoff=0.6)
     raise ConfigError(f"unknown config key '{key}'" + _suggest(close))
 
@@ -403,14 +401,28 @@ def build_parser():
                         help="time each schedule stage and print a throughput table")
     parser.add_argument("--profile", action="store_true",
                         help="with --benchmark: also profile the last stage's kernels")
+    keys = parser.add_argument_group(
+        "config keys most often set (any other as --key value or --section.key value)")
+    for key, text in COMMON_KEYS.items():
+        keys.add_argument(f"--{key}", metavar="N", help=text)
     return parser
+
+
+# training_config keys listed by --help; they are applied as overrides, checked alike
+COMMON_KEYS = {
+    "seed": "random seed of weights and data order (runs with one seed repeat exactly)",
+    "early_stop_steps": "stop after N steps, every schedule unchanged (smoke runs)",
+    "checkpoint_every": "write a checkpoint every N steps (0: only on interrupt)",
+}
 
 
 def resolve_config(argv, environ=os.environ):
     """Parse the command line into (args, config dict); raises ConfigError on any bad input."""
     args, rest = build_parser().parse_known_args(argv)
     config = apply_environment(load_config(args.config), environ)
-    for key, value in parse_overrides(rest):
+    common = [(f"training_config.{key}", getattr(args, key)) for key in COMMON_KEYS
+              if getattr(args, key) is not None]
+    for key, value in common + parse_overrides(rest):
         apply_override(config, key, value)
     if args.device is not None:
         config.setdefault("training_config", {})["device"] = args.device

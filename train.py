@@ -28,7 +28,7 @@ from distributed import World
 from layers.masks import document_ids
 from model import GPT, GPTConfig
 from optimizers import build_optimizer
-from utils import ConfigError, build_section, repo_path
+from utils import ConfigError, build_section, check_ranges, repo_path
 
 
 class TrainingError(RuntimeError):
@@ -59,6 +59,17 @@ class TrainingConfig:
         if self.device not in ("cuda", "cpu"):
             raise ConfigError(f"training_config.device must be 'cuda' or 'cpu', not "
                               f"{self.device!r}")
+        check_ranges("training_config", self,
+                     positive=("max_seq_len", "batch_size_multiple", "val_tokens",
+                               "target_val_loss", "early_stop_steps", "benchmark_steps"),
+                     non_negative=("seed", "val_loss_every", "grad_clip_norm",
+                                   "checkpoint_every"))
+        if self.seed >= 2**32:
+            raise ConfigError(f"training_config.seed must be below 2**32 (numpy's seed), got "
+                              f"{self.seed}")
+        if not self.run_name or set(self.run_name) & set("/\\"):
+            raise ConfigError(f"training_config.run_name {self.run_name!r} names files: give "
+                              "a non-empty name without slashes")
 
     @property
     def micro_batch_tokens(self):
@@ -80,6 +91,8 @@ class Stage:
 
     def __post_init__(self):
         check_windows("schedule.stages: windows", self.windows)
+        check_ranges("schedule.stages", self, positive=("tokens", "duration"),
+                     non_negative=("lr_mul",))
 
 
 def check_windows(name, windows):
@@ -106,6 +119,15 @@ class ScheduleConfig:
     momentum_cooldown_steps: int
     split_frac: float  # untie the embedding from the lm_head at this share of the stages
     freeze_scalars_steps: int  # the scalar Adam holds still this long when a stage begins
+
+    def __post_init__(self):
+        check_ranges("schedule", self,
+                     positive=("num_scheduled_iterations",),
+                     non_negative=("num_extension_iterations", "warmup_steps", "final_lr_ratio",
+                                   "momentum_warmup_steps", "momentum_cooldown_steps",
+                                   "freeze_scalars_steps"),
+                     fractions=("cooldown_frac", "split_frac"),
+                     below_one=("momentum_start", "momentum_peak", "momentum_end"))
 
     @classmethod
     def from_dict(cls, values: dict) -> "ScheduleConfig":
@@ -164,10 +186,6 @@ class Schedule:
                               f"lengthen the stage")
 
     def _check(self):
-        c = self.config
-        if self.scheduled < 1 or c.num_extension_iterations < 0:
-            raise ConfigError("schedule: num_scheduled_iterations must be >= 1 and "
-                              "num_extension_iterations >= 0")
         if not self.stages_table:
             raise ConfigError("schedule.stages must be a tuple of stage rows (dicts)")
         *rows, extension = self.stages_table
@@ -181,12 +199,10 @@ class Schedule:
             raise ConfigError(f"schedule.stages: the durations sum to "
                               f"{sum(s.duration for s in rows)}, not 1")
         for stage in self.stages_table:
-            if stage.tokens <= 0 or stage.tokens % self.round_tokens:
+            if stage.tokens % self.round_tokens:
                 raise ConfigError(f"schedule.stages: tokens {stage.tokens} is not a multiple of "
                                   f"{self.describe_round()}; {self._batch_fix()}")
-        check_windows("schedule.validation_windows", c.validation_windows)
-        if not 0 <= c.cooldown_frac <= 1 or c.warmup_steps < 0:
-            raise ConfigError("schedule: cooldown_frac in [0, 1], warmup_steps >= 0")
+        check_windows("schedule.validation_windows", self.config.validation_windows)
 
     def _batch_fix(self):
         """The largest smaller BATCH_SIZE_MULTIPLE that divides every stage, if any."""
@@ -393,7 +409,8 @@ class TrainingManager:
         self.compiled = (torch.compile(self.model, dynamic=False, fullgraph=True)
                          if config.compile.enabled else self.model)
         dc, seq, micro = config.data, self.tc.max_seq_len, self.tc.micro_batch_tokens
-        ranks = dict(rank=self.world.rank, world_size=self.world.world_size)
+        ranks = dict(rank=self.world.rank, world_size=self.world.world_size,
+                     vocab_size=config.model.vocab_size)
         self.train_loader = DataLoader(repo_path(dc.train_pattern), micro, seq,
                                        device=torch_device, prefetch=dc.prefetch, **ranks)
         self.val_batches = val_batches(repo_path(dc.val_pattern), self.tc.val_tokens, micro,

@@ -339,6 +339,30 @@ def test_unreadable_checkpoint_is_named(config, tmp_path, capsys):
     assert f"cannot read checkpoint {bad}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("problem", ["val_id", "train_id", "no_bos"])
+def test_bad_shards_stop_before_training_with_exit_2(config, tmp_path, capsys, problem):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("tiny_train_000000.bin", 20_000), ("tiny_val_000000.bin", 5_000)):
+        tokens = rng.integers(0, 50000, size)
+        tokens[::50] = BOS_ID
+        if problem == "no_bos":
+            tokens[tokens == BOS_ID] = 7
+        elif name.startswith(f"tiny_{problem[:-3]}"):
+            tokens[1234] = 50300  # in the padded table, never a GPT-2 token
+        write_shard(folder / name, tokens)
+    config["data_config"].update(train_pattern=str(folder / "tiny_train_*.bin"),
+                                 val_pattern=str(folder / "tiny_val_*.bin"))
+    assert run.run(run.build_config(config), config_path="test") == 2
+    out = capsys.readouterr().out
+    expected = {"val_id": "tiny_val_000000.bin: 1 token ids are >= the vocabulary size 50257",
+                "train_id": "tiny_train_000000.bin: 1 token ids are >= the vocabulary size",
+                "no_bos": "no document start (BOS 50256)"}[problem]
+    assert f"error: bad token shard {folder}" in out and expected in out
+    assert "step 1/" not in out
+
+
 def test_early_stopped_run_writes_no_record(config, tmp_path):
     config["training_config"]["early_stop_steps"] = 3
     assert run.run(run.build_config(config), config_path="test") == 0
