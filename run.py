@@ -21,7 +21,7 @@ import copy
 import difflib
 import importlib.util
 import os
-import pickle
+import signal
 import sys
 import uuid
 from dataclasses import dataclass
@@ -313,19 +313,21 @@ def train_and_report(config, device, world, resume, benchmark, profile, config_p
     """Build the manager and run it; failures become a logged message and an exit status."""
     import torch
 
+    import checkpoints
     from data.shards import ShardError
     from records.write import write_record
-    from train import RankLogger, RunLogger, TrainingError, TrainingManager, read_checkpoint
+    from train import RankLogger, RunLogger, TrainingError, TrainingManager
 
     tc = config.training
     state = None
     if resume:  # read first: a resumed run keeps its run id, so its log and record
         try:
-            state = read_checkpoint(resume, world.torch_device(device.kind))
-        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
-            print(f"error: cannot read checkpoint {resume}: {exc}", file=sys.stderr)
+            _, state = checkpoints.read(resume, world.torch_device(device.kind),
+                                        kind="checkpoint")
+        except checkpoints.CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    run_id = (state or {}).get("run_id") or str(uuid.uuid4())  # older checkpoints have none
+    run_id = state["run_id"] if state else str(uuid.uuid4())
     run_id = world.broadcast_object(run_id, world.torch_device(device.kind))
     log_path = Path(repo_path(config.logging.log_dir)) / f"{run_id}.txt"
     if world.is_main:
@@ -373,8 +375,8 @@ def train_and_report(config, device, world, resume, benchmark, profile, config_p
             f"{max(1, multiple // 2)}): the tokens per optimizer step stay the same, only the "
             "micro-batch shrinks")
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # train.Interrupted carries the signal (SIGTERM: 143)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     finally:
         if manager is not None:
             manager.train_loader.close()
@@ -396,7 +398,8 @@ def build_parser():
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="override the config's device; cpu turns compile off")
     parser.add_argument("--resume", default=None, metavar="PATH",
-                        help="continue from a checkpoint written by --checkpoint_every")
+                        help="continue from a checkpoint (written every --checkpoint_every "
+                             "steps and on Ctrl-C or SIGTERM)")
     parser.add_argument("--benchmark", action="store_true",
                         help="time each schedule stage and print a throughput table")
     parser.add_argument("--profile", action="store_true",
@@ -413,6 +416,7 @@ COMMON_KEYS = {
     "seed": "random seed of weights and data order (runs with one seed repeat exactly)",
     "early_stop_steps": "stop after N steps, every schedule unchanged (smoke runs)",
     "checkpoint_every": "write a checkpoint every N steps (0: only on interrupt)",
+    "keep_checkpoints": "keep the newest N checkpoints of the run (0: all)",
 }
 
 

@@ -15,6 +15,7 @@ gradients over the ranks. Rank 0 alone prints, logs and checkpoints.
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoints
 from data.loader import DataLoader, val_batches
 from distributed import World
 from layers.masks import document_ids
@@ -33,6 +35,41 @@ from utils import ConfigError, build_section, check_ranges, repo_path
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, out of memory); the message says why and where."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on a signal (SIGINT, SIGTERM) after saving; the exit status is
+    128 + the signal's number, as a shell reports a process a signal ended."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Signals:
+    """Within ``with``: SIGINT and SIGTERM are recorded in ``received`` (the first one) instead
+    of interrupting, so the code in progress finishes; the previous handlers come back after.
+    Not ``enabled``: nothing changes (Ctrl-C raises KeyboardInterrupt as usual)."""
+
+    STOP = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        if self.enabled:
+            self.previous = {s: signal.signal(s, self._record) for s in self.STOP}
+        return self
+
+    def _record(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass(frozen=True)
@@ -50,8 +87,10 @@ class TrainingConfig:
     early_stop_steps: int | None  # stop after this many steps, the schedule unchanged
     grad_clip_norm: float  # 0: off
     checkpoint_every: int  # 0: off
-    checkpoint_dir: str
-    save_on_interrupt: bool
+    keep_checkpoints: int  # the newest this many of a run's checkpoints stay; 0: all
+    checkpoint_dir: str  # checkpoints and the final model
+    save_on_interrupt: bool  # SIGINT or SIGTERM: checkpoint after the step in progress
+    save_model: bool  # the trained model at the end of every full run
     records_dir: str
     benchmark_steps: int  # timed steps per stage in --benchmark mode
 
@@ -63,7 +102,7 @@ class TrainingConfig:
                      positive=("max_seq_len", "batch_size_multiple", "val_tokens",
                                "target_val_loss", "early_stop_steps", "benchmark_steps"),
                      non_negative=("seed", "val_loss_every", "grad_clip_norm",
-                                   "checkpoint_every"))
+                                   "checkpoint_every", "keep_checkpoints"))
         if self.seed >= 2**32:
             raise ConfigError(f"training_config.seed must be below 2**32 (numpy's seed), got "
                               f"{self.seed}")
@@ -363,7 +402,12 @@ class RankLogger:
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every generator the run draws from, as plain data and CPU byte tensors (a checkpoint
+    keeps it as JSON and tensors)."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), position, has_gauss, cached],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -371,9 +415,11 @@ def rng_state():
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    # RNG states are CPU byte tensors; a checkpoint read with map_location="cuda" moved them
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    # RNG states are CPU byte tensors; a checkpoint read onto the GPU moved them
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -505,7 +551,16 @@ class TrainingManager:
         synchronize(self.device)
         return time.perf_counter() - start
 
-    # -- checkpoints --------------------------------------------------------------------------
+    # -- checkpoints and the trained model ------------------------------------------------------
+
+    @property
+    def file_prefix(self):
+        """This run's file names start with the run name and its id's first 8 characters."""
+        return f"{self.tc.run_name}_{self.run_id[:8]}" if self.run_id else self.tc.run_name
+
+    @property
+    def checkpoint_dir(self):
+        return Path(repo_path(self.tc.checkpoint_dir))
 
     def checkpoint_state(self):
         return {"step": self.step, "run_id": self.run_id, "train_time": self.train_time,
@@ -515,25 +570,32 @@ class TrainingManager:
                 "config": self.config.raw}
 
     def save_checkpoint(self, path):
-        """Write atomically: a crash mid-write leaves the previous checkpoint intact.
+        """Write the training state at ``path`` (checkpoints.write: safetensors and JSON,
+        atomic).
 
         Every rank calls it (the optimizer state is gathered from all); rank 0 writes the one
         file. The loader's state is a position in the stream all ranks share, so rank 0's
         resumes every rank, on any world size.
         """
-        path = Path(path)
         state = self.checkpoint_state()
         if self.world.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            checkpoints.write(path, "checkpoint", state)
+        return Path(path)
+
+    def write_checkpoint(self):
+        """The run's next checkpoint, by step, keeping the newest ``keep_checkpoints``."""
+        path = self.save_checkpoint(
+            checkpoints.checkpoint_path(self.checkpoint_dir, self.file_prefix, self.step))
+        if self.world.is_main:
+            for old in checkpoints.prune(self.checkpoint_dir, self.file_prefix,
+                                         self.tc.keep_checkpoints):
+                self.logger.print(f"removed {old} (keep_checkpoints={self.tc.keep_checkpoints})")
         return path
 
     def load_checkpoint(self, path, state=None):
         """Resume from the checkpoint at ``path`` (``state``: its contents, if already read)."""
         if state is None:
-            state = read_checkpoint(path, self.model.lm_head.device)
+            _, state = checkpoints.read(path, self.model.lm_head.device, kind="checkpoint")
         saved = build_section(GPTConfig, f"checkpoint {path}: model_config",
                               state["config"]["model_config"])
         if saved != self.config.model:
@@ -548,58 +610,88 @@ class TrainingManager:
         self.train_loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step, self.train_time = state["step"], state["train_time"]
-        self.run_id = state.get("run_id", self.run_id)
-        self.history = state["history"]
+        self.run_id = state["run_id"]
+        self.history = [tuple(entry) for entry in state["history"]]
 
-    def checkpoint_path(self):
-        name = f"{self.tc.run_name}_step{self.step:06d}.pt"
-        return Path(repo_path(self.tc.checkpoint_dir)) / name
+    def save_model(self, val_loss):
+        """The trained weights and the run's config, for sample.py and evaluate.py
+        (checkpoints.load_model); rank 0 writes them. Returns the path."""
+        path = checkpoints.model_path(self.checkpoint_dir, self.file_prefix)
+        if self.world.is_main:
+            checkpoints.write(path, "model", {
+                "model": self.model.state_dict(), "config": self.config.raw,
+                "run_id": self.run_id, "step": self.step, "val_loss": val_loss})
+        return path
 
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self):
-        """Train until the schedule ends or early_stop_steps; returns the result dict."""
+        """Train until the schedule ends or early_stop_steps; returns the result dict.
+
+        With one process, SIGINT and SIGTERM take effect when the step in progress ends: the
+        run writes a checkpoint (``save_on_interrupt``) and raises ``Interrupted``; signals that
+        come meanwhile change nothing, so the save survives the second SIGINT that ``uv run``
+        forwards. After the last step the run finishes (final validation, the model) first.
+        """
         log = self.logger.print
         stop = self.schedule.total
         if self.tc.early_stop_steps is not None:
             stop = min(stop, self.tc.early_stop_steps)
         every = self.tc.val_loss_every
+        if self.world.is_main:
+            for partial in checkpoints.remove_partials(self.checkpoint_dir, self.file_prefix):
+                log(f"removed {partial}: a partial checkpoint that an interrupted write left")
         synchronize(self.device)
         started = time.perf_counter()
-        try:
-            while self.step < stop:
-                step_start = time.perf_counter()
-                loss = self.train_step().item()
-                synchronize(self.device)
-                step_time = time.perf_counter() - step_start
-                self.train_time += step_time
-                if not math.isfinite(loss):
-                    raise TrainingError(f"loss is {loss} at step {self.step}: training stopped "
-                                        f"(log kept at {self.logger.path})")
-                self.log_step(loss, step_time)
-                if self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0:
-                    log(f"checkpoint written: {self.save_checkpoint(self.checkpoint_path())}")
-                if every and self.step % every == 0 and self.step < stop:
-                    self.log_validation(self.validate())
-        except KeyboardInterrupt:
-            if self.world.distributed:
-                # Ranks are interrupted at different points: a collective now could hang.
-                log(f"interrupted after step {self.step}; with several processes no checkpoint "
-                    "is written on interrupt (use --checkpoint_every)")
-            elif self.tc.save_on_interrupt:
-                path = self.save_checkpoint(self.checkpoint_path())
-                log(f"interrupted after step {self.step}; checkpoint saved to {path}; "
-                    f"continue with --resume {path}")
-            else:
-                log(f"interrupted after step {self.step} (save_on_interrupt is off)")
-            raise
-        self.model.yarn.set_windows(self.schedule.validation_windows, yarn=False)
-        val_loss = self.validate()
-        self.log_validation(val_loss)
+        with Signals(enabled=not self.world.distributed) as signals:
+            try:
+                while self.step < stop and signals.received is None:
+                    step_start = time.perf_counter()
+                    loss = self.train_step().item()
+                    synchronize(self.device)
+                    step_time = time.perf_counter() - step_start
+                    self.train_time += step_time
+                    if not math.isfinite(loss):
+                        raise TrainingError(f"loss is {loss} at step {self.step}: training "
+                                            f"stopped (log kept at {self.logger.path})")
+                    self.log_step(loss, step_time)
+                    if self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0:
+                        log(f"checkpoint written: {self.write_checkpoint()}")
+                    if (every and self.step % every == 0 and self.step < stop
+                            and signals.received is None):
+                        self.log_validation(self.validate())
+            except KeyboardInterrupt:
+                if self.world.distributed:  # no handler defers signals there: ranks stop at
+                    # different points, and a collective to save the state could hang
+                    log(f"interrupted after step {self.step}; with several processes no "
+                        "checkpoint is written on interrupt (use --checkpoint_every)")
+                raise
+            if signals.received is not None:
+                self.stop_on_signal(signals.received)
+            self.model.yarn.set_windows(self.schedule.validation_windows, yarn=False)
+            val_loss = self.validate()
+            self.log_validation(val_loss)
+            early_stopped = self.step < self.schedule.total
+            model = None
+            if self.tc.save_model and not early_stopped:
+                model = self.save_model(val_loss)
+                log(f"model written: {model} (sample.py and evaluate.py take it)")
         wall = time.perf_counter() - started
         return {"val_loss": val_loss, "train_time": self.train_time, "steps": self.step,
                 "tokens": sum(self.schedule.at(s).tokens for s in range(self.step)),
-                "wall_time": wall, "early_stopped": self.step < self.schedule.total}
+                "wall_time": wall, "early_stopped": early_stopped,
+                "model": None if model is None else str(model)}
+
+    def stop_on_signal(self, signum):
+        name = signal.Signals(signum).name
+        if self.tc.save_on_interrupt:
+            path = self.write_checkpoint()
+            self.logger.print(f"{name} after step {self.step}: checkpoint saved to {path}; "
+                              f"continue with --resume {path}")
+        else:
+            self.logger.print(f"{name} after step {self.step}: stopped (save_on_interrupt is "
+                              "off)")
+        raise Interrupted(signum)
 
     def log_step(self, loss, step_time):
         plan = self.schedule.at(self.step - 1)
@@ -637,10 +729,6 @@ class TrainingManager:
         if self.logger.wandb is not None:
             self.logger.wandb.log({"val/loss": val_loss, "train_time": self.train_time},
                                   step=self.step)
-
-
-def read_checkpoint(path, device):
-    return torch.load(path, map_location=device, weights_only=False)
 
 
 def synchronize(device):

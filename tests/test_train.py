@@ -3,6 +3,8 @@ training mode end to end, records and their summary, the benchmark mode."""
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import run
 import train
 import utils
@@ -279,21 +282,119 @@ def test_nan_loss_stops_with_the_step(config, tmp_path):
     assert "step 3/14" in (tmp_path / "log.txt").read_text()
 
 
-def test_interrupt_saves_a_checkpoint(config, tmp_path):
+def signal_after(manager, step, signum, times=2):
+    """Patch ``manager`` to receive ``signum`` ``times`` times (uv run forwards Ctrl-C, so one
+    press arrives twice) as step ``step`` ends."""
+    train_step = manager.train_step
+
+    def signalled():
+        loss = train_step()
+        if manager.step == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return loss
+
+    manager.train_step = signalled
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_then_saves(config, tmp_path, monkeypatch, signum):
     manager = manager_for(config, tmp_path)
-    step = manager.train_step
+    signal_after(manager, 2, signum)
+    write = checkpoints.write
 
-    def interrupted():
-        if manager.step == 2:
-            raise KeyboardInterrupt
-        return step()
+    def write_under_fire(*args, **kwargs):  # one more signal as the file is written
+        os.kill(os.getpid(), signal.SIGINT)
+        return write(*args, **kwargs)
 
-    manager.train_step = interrupted
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(checkpoints, "write", write_under_fire)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(train.Interrupted) as info:
         manager.run()
-    saved = tmp_path / "ckpt" / "cpu_step000002.pt"
-    assert saved.is_file()
-    assert f"--resume {saved}" in (tmp_path / "log.txt").read_text()
+    assert info.value.signum == signum
+    assert signal.getsignal(signal.SIGINT) is handler  # the handlers are put back
+    saved = tmp_path / "ckpt" / "cpu_step000002.safetensors"
+    name = signal.Signals(signum).name
+    assert (f"{name} after step 2: checkpoint saved to {saved}; continue with --resume {saved}"
+            in (tmp_path / "log.txt").read_text())
+    assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]  # no .tmp
+    _, state = checkpoints.read(saved, kind="checkpoint")
+    assert state["step"] == 2 and len(state["history"]) == 0
+
+
+def test_sigterm_exits_143_with_a_checkpoint(config, tmp_path, monkeypatch):
+    step = train.TrainingManager.train_step
+
+    def signalled(manager):
+        loss = step(manager)
+        if manager.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(train.TrainingManager, "train_step", signalled)
+    assert run.run(run.build_config(config), config_path="test") == 143
+    (saved,) = (tmp_path / "ckpt").glob("cpu_*_step000003.safetensors")
+    assert checkpoints.read(saved)[1]["step"] == 3
+    assert not (tmp_path / "records").exists()
+
+
+def test_ctrl_c_under_uv_run_saves_a_checkpoint_and_exits_130(data_dir, tmp_path):
+    # What `uv run` without a terminal does on Ctrl-C: it forwards SIGINT to the trainer, which
+    # so receives two. The process must write a complete checkpoint and exit with 130.
+    process = subprocess.Popen(
+        [sys.executable, "run.py", "--config", "config/cpu.py", "--seed", "1",
+         "--val_tokens", "1024", "--val_loss_every", "0", "--log_dir", str(tmp_path),
+         "--checkpoint_dir", str(tmp_path / "ckpt")],
+        cwd=utils.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "DATA_PATH": str(data_dir)})
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step 2/"):
+            process.send_signal(signal.SIGINT)
+            process.send_signal(signal.SIGINT)
+            break
+    lines += process.stdout.readlines()
+    assert process.wait(timeout=120) == 130, "".join(lines)
+    (saved,) = (tmp_path / "ckpt").iterdir()
+    assert saved.suffix == ".safetensors" and f"continue with --resume {saved}" in "".join(lines)
+    assert checkpoints.read(saved)[1]["step"] >= 2
+
+
+def test_partial_checkpoints_are_removed_and_refused(config, tmp_path, capsys):
+    built = run.build_config(config)
+    manager = manager_for(config, tmp_path)
+    manager.run_id = "0123456789abcdef"
+    losses_of(manager, 1)
+    complete = manager.write_checkpoint()
+    partial = complete.with_name(complete.name + ".tmp")
+    partial.write_bytes(complete.read_bytes()[:1000])  # what a killed write leaves
+    assert run.run(built, resume=partial) == 2
+    err = capsys.readouterr().err
+    assert f"{partial} is a partial file left by an interrupted write" in err
+    assert f"complete ones in {complete.parent}: {complete.name}" in err
+    config["training_config"]["early_stop_steps"] = 1
+    manager = manager_for(config, tmp_path)
+    manager.run_id = "0123456789abcdef"
+    manager.run()
+    assert not partial.exists() and complete.exists()
+    assert (f"removed {partial}: a partial checkpoint that an interrupted write left"
+            in (tmp_path / "log.txt").read_text())
+
+
+def test_old_checkpoints_are_pruned_and_the_model_is_kept(config, tmp_path):
+    config["training_config"].update(checkpoint_every=2, keep_checkpoints=2)
+    assert run.run(run.build_config(config), config_path="test") == 0
+    kept = sorted(p.name for p in (tmp_path / "ckpt").glob("*_step*"))
+    assert [name[-22:] for name in kept] == ["_step000012.safetensors"[-22:],
+                                            "_step000014.safetensors"[-22:]]
+    (figures,) = (tmp_path / "records").glob("*/*.json")
+    record = json.loads(figures.read_text())
+    (model_file,) = (tmp_path / "ckpt").glob("*_model.safetensors")
+    assert record["model"] == str(model_file)
+    (log,) = (tmp_path / "logs").glob("*.txt")
+    assert f"model written: {model_file}" in log.read_text()
+    assert log.read_text().count("(keep_checkpoints=2)") == 5
 
 
 # -- end to end, records and their summary -----------------------------------------------------
@@ -321,15 +422,20 @@ def test_resumed_run_continues_its_log_and_record(config, tmp_path):
     assert run.run(run.build_config(config), config_path="test") == 0
     (log,) = (tmp_path / "logs").glob("*.txt")
     tc.update(early_stop_steps=None, checkpoint_every=0)
-    assert run.run(run.build_config(config), resume=tmp_path / "ckpt" / "cpu_step000005.pt") == 0
+    (saved,) = (tmp_path / "ckpt").glob(f"cpu_{log.stem[:8]}_step000005.safetensors")
+    first_part = checkpoints.read(saved)[1]["train_time"]
+    assert run.run(run.build_config(config), resume=saved) == 0
     assert list((tmp_path / "logs").glob("*.txt")) == [log]
     text = log.read_text()
     assert "step 5/14 loss" in text and "resumed from" in text and "step 14/14 loss" in text
     (figures,) = (tmp_path / "records").glob("*/*.json")
     data = json.loads(figures.read_text())
     assert data["run_id"] == log.stem and data["steps"] == 14
-    first_part = float(text.split("step 5/14 loss")[1].split("time ")[1].split("s")[0])
-    assert data["train_time"] > first_part
+    # the second part's steps, as logged (ms, rounded), come on top of the first part's time
+    resumed = text.split("resumed from")[1]
+    second_part = sum(float(line.split(" step ")[1].split("ms")[0]) / 1000
+                      for line in resumed.splitlines() if " loss " in line and "ms " in line)
+    assert data["train_time"] == pytest.approx(first_part + second_part, abs=0.01)
 
 
 def test_unreadable_checkpoint_is_named(config, tmp_path, capsys):
@@ -337,6 +443,12 @@ def test_unreadable_checkpoint_is_named(config, tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert run.run(run.build_config(config), resume=bad) == 2
     assert f"cannot read checkpoint {bad}" in capsys.readouterr().err
+    torch.save({"model": {}}, bad)  # an older version's checkpoint: a pickle is never opened
+    assert run.run(run.build_config(config), resume=bad) == 2
+    assert "looks like a torch.save file" in capsys.readouterr().err
+    model = checkpoints.write(tmp_path / "m.safetensors", "model", {"config": {}})
+    assert run.run(run.build_config(config), resume=model) == 2
+    assert "is a model, not a checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("problem", ["val_id", "train_id", "no_bos"])
