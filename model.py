@@ -22,7 +22,7 @@ import kernels
 from layers.attention import CausalSelfAttention
 from layers.core import make_param, norm
 from layers.embeddings import EmbeddingTie, SmearGate, ValueEmbeddings
-from layers.masks import attention_masks, document_ids
+from layers.masks import attention_masks, attention_rows, document_ids
 from layers.mlp import ACTIVATIONS, MLP
 from layers.rotary import Yarn
 from layers.routing import Backout, SkipConnections
@@ -117,10 +117,10 @@ class Block(nn.Module):
         self.mix = make_param(torch.tensor([config.residual_init, config.x0_init]), "scalar",
                               wd_mul=0.0)
 
-    def forward(self, x, x0, ve, masks, rotary, scale):
+    def forward(self, x, x0, ve, masks, rotary, scale, cache=None):
         x = self.mix[0] * x + self.mix[1] * x0
         if self.attn is not None:
-            x = x + self.attn(norm(x), ve, masks[self.window], rotary, scale)
+            x = x + self.attn(norm(x), ve, masks[self.window], rotary, scale, cache)
         return x + self.mlp(norm(x))
 
 
@@ -164,13 +164,35 @@ class GPT(nn.Module):
         # (T, D) rows: indexing (1, T, V) logits would cost a full copy of their gradient in
         # the backward pass
         hidden, head = hidden[0], self.lm_head.type_as(hidden)
-        if targets is not None and self.config.fused_loss:
+        if targets is None:
+            return self.logits(hidden)[:, :self.config.vocab_size]
+        if self.config.fused_loss:
             return kernels.linear_softcap_cross_entropy(
                 hidden, head, targets, *self.softcap_args, fp8=self.config.fp8_lm_head)
-        logits = F.linear(hidden, head)
-        if targets is None:
-            return kernels.softcap(logits.float(), *self.softcap_args)[:, :self.config.vocab_size]
-        return kernels.softcap_cross_entropy_reference(logits, targets, *self.softcap_args)
+        return kernels.softcap_cross_entropy_reference(F.linear(hidden, head), targets,
+                                                       *self.softcap_args)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The softcapped float32 logits (T, padded vocab) of final hidden states (T, D). The
+        columns past vocab_size belong to no token, but the training loss normalises over
+        them too; a distribution over tokens leaves them out."""
+        logits = F.linear(hidden, self.lm_head.type_as(hidden))
+        return kernels.softcap(logits.float(), *self.softcap_args)
+
+    @torch.no_grad()
+    def decode(self, inputs: Tensor, state: "DecodeState") -> Tensor:
+        """The logits (n, vocab_size) of ``inputs`` (n,), the tokens that continue the sequence
+        ``state`` holds (a new ``DecodeState(model)`` holds none): as a forward pass over the
+        whole sequence would give them (tests/test_model.py), from the keys and values each
+        attention layer cached. Attention reads only the keys its window reaches, so a token
+        costs the same however long the sequence. The state then holds ``inputs`` too."""
+        docs = state.extend(inputs)
+        bs = self.config.block_size
+        masks = {letter: attention_rows(docs, inputs.numel(), window, bs)
+                 for letter, window in zip("SL", self.yarn.current, strict=True)}
+        rotary = tuple(t[:, -inputs.numel():] for t in self.yarn.tables(docs.numel()))
+        hidden = self.blocks_output(inputs, masks, rotary, state)[0]
+        return self.logits(hidden)[:, :self.config.vocab_size]
 
     @property
     def softcap_args(self):
@@ -188,17 +210,25 @@ class GPT(nn.Module):
     def hidden_states(self, inputs, docs):
         windows = (self.yarn.windows[0], self.yarn.windows[1])
         masks = attention_masks(docs, windows, self.config.block_size, inputs.is_cuda)
+        return self.blocks_output(inputs, masks, self.yarn.tables(inputs.numel()))
+
+    def blocks_output(self, inputs, masks, rotary, state=None):
+        """Embedding, blocks and final norm of ``inputs``; with a DecodeState, the tokens
+        continue the ones it holds (GPT.decode)."""
         dtype = self.compute_dtype(inputs)
         x = F.embedding(inputs, self.embed)[None].to(dtype)
         if self.smear is not None:
-            x = self.smear(x, inputs)
+            previous = None if state is None else state.previous
+            if state is not None:
+                state.previous = x[:, -1:]
+            x = self.smear(x, inputs, previous)
         x = x0 = norm(x)
         value_embeds = self.value_embeds(inputs, dtype)
-        rotary = self.yarn.tables(inputs.numel())
         saved, backout = {}, None
         for layer, block in enumerate(self.blocks):
+            cache = None if state is None else state.caches[layer]
             x = self.skips.arrive(layer, x, x0, saved)
-            x = block(x, x0, value_embeds.get(layer), masks, rotary, self.yarn.attn_scale)
+            x = block(x, x0, value_embeds.get(layer), masks, rotary, self.yarn.attn_scale, cache)
             self.skips.leave(layer, x, saved)
             if self.backout is not None and layer == self.backout.layer:
                 backout = x
@@ -229,6 +259,26 @@ class GPT(nn.Module):
                 window = long if letter == "L" else short
                 attention += 4 * hdim * mean_attended_keys(seq_len, window, c.block_size)
         return 6 * matmul + 3 * attention
+
+
+class DecodeState:
+    """What ``GPT.decode`` keeps between calls: each attention layer's cache (its own kind,
+    from ``new_cache()``), the document id of every token so far, and the last token's
+    embedding (the smear gate mixes it into the next)."""
+
+    def __init__(self, model: GPT):
+        self.caches = [block.attn.new_cache() if block.attn is not None else None
+                       for block in model.blocks]
+        self.docs = None
+        self.previous = None
+
+    def extend(self, inputs: Tensor) -> Tensor:
+        """Add the new tokens' document ids; returns those of the whole sequence."""
+        docs = document_ids(inputs)
+        if self.docs is not None:
+            docs = torch.cat([self.docs, docs + self.docs[-1]])
+        self.docs = docs
+        return docs
 
 
 def mean_attended_keys(seq_len, window_blocks, block_size):

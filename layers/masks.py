@@ -22,10 +22,20 @@ def document_ids(inputs: Tensor) -> Tensor:
 
 def dense_attention_mask(docs: Tensor, window_blocks, block_size: int) -> Tensor:
     """The (T, T) boolean mask of the rule above, for scaled_dot_product_attention."""
-    t = torch.arange(docs.numel(), device=docs.device)
-    q, k = t[:, None], t[None, :]
+    return attention_rows(docs, docs.numel(), window_blocks, block_size)
+
+
+def attention_rows(docs: Tensor, queries: int, window_blocks, block_size: int) -> Tensor:
+    """The rule for the last ``queries`` positions of ``docs`` against the keys their windows
+    reach: a (queries, width) boolean mask over the last ``width`` positions. All T queries give
+    the (T, T) mask; the few of a decoding step give rows no wider than the window plus the
+    step's own tokens, however long the sequence grows."""
+    first = docs.numel() - queries
+    start = 0 if first == 0 else max(0, (first // block_size - window_blocks + 1) * block_size)
+    q = torch.arange(first, docs.numel(), device=docs.device)[:, None]
+    k = torch.arange(start, docs.numel(), device=docs.device)[None, :]
     block_distance = q // block_size - k // block_size
-    return (k <= q) & (docs[:, None] == docs[None, :]) & (block_distance < window_blocks)
+    return (k <= q) & (docs[first:, None] == docs[None, start:]) & (block_distance < window_blocks)
 
 
 def _ordered(mask: Tensor):

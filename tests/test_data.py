@@ -27,7 +27,6 @@ from data.shards import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
-TIKTOKEN_DIR = SHARED / "tiktoken"
 PROXY_CORPUS = SHARED / "corpus"
 
 T = 256  # micro-batch tokens in the loader tests
@@ -479,17 +478,6 @@ def test_download_defaults_and_script_mode():
 
 
 # ----------------------------------------------------------------------------- prepare_corpus
-
-
-@pytest.fixture
-def gpt2(monkeypatch):
-    tiktoken = pytest.importorskip("tiktoken")
-    if TIKTOKEN_DIR.is_dir():
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_DIR))
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as exc:  # offline without the shared tokenizer files
-        pytest.skip(f"tiktoken gpt2 encoding unavailable: {exc}")
 
 
 def corpus_docs(count: int) -> list[str]:

@@ -53,6 +53,45 @@ def test_causality(tiny_model_config):
         assert not torch.allclose(gpt(changed)[t + 1:], logits[t + 1:])
 
 
+@pytest.mark.parametrize("untied", [False, True])
+def test_cached_decoding_equals_the_full_forward_pass(tiny_model_config, untied):
+    # Windows of 1 and 2 blocks of 16: by token 70 the cache holds keys that no window reaches
+    # any more; a document starts at token 37, where the smear gate and attention must stop.
+    gpt = make_model(tiny_model_config, 1, 2)
+    if untied:
+        gpt.tie.tied = False
+        with torch.no_grad():
+            gpt.embed.add_(torch.randn_like(gpt.embed) * 0.05)
+    x = tokens(70, doc_starts=(0, 37))
+    with torch.no_grad():
+        full = gpt(x)
+    state = M.DecodeState(gpt)
+    pieces = [gpt.decode(x[:10], state)]  # a prompt, then token by token, then a few at once
+    pieces += [gpt.decode(x[t:t + 1], state) for t in range(10, 60)]
+    pieces.append(gpt.decode(x[60:], state))
+    torch.testing.assert_close(torch.cat(pieces), full, atol=2e-5, rtol=1e-5)
+    attention_layers = [c for c in state.caches if c is not None]
+    assert [c.length for c in attention_layers] == [70] * len(attention_layers)
+
+
+def test_a_decoding_step_reads_only_the_window(tiny_model_config, monkeypatch):
+    gpt = make_model(tiny_model_config, 1, 2)  # long window: 2 blocks of 16 tokens
+    attended = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(q, k, v, **kwargs):
+        attended.append(k.size(2))
+        return sdpa(q, k, v, **kwargs)
+
+    state = M.DecodeState(gpt)
+    gpt.decode(tokens(40), state)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    for t in range(40):
+        gpt.decode(tokens(1, seed=t), state)
+    # keys from the start of the window's first block: at most 2 blocks, whatever the length
+    assert state.docs.numel() == 80 and max(attended) == 2 * 16
+
+
 def test_document_isolation(tiny_model_config):
     gpt = make_model(tiny_model_config, 2, 4)
     x = tokens(96, doc_starts=(0, 40))
