@@ -112,10 +112,15 @@ def run_benchmark(manager, profile=False):
             row["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
             row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
         rows.append(row)
+    timed = [(first, end) for first, end in schedule.spans() if end - first >= 2]
     result = {"device": manager.device.name, "world_size": manager.world.world_size,
               "torch": torch.__version__,
               "compile_and_warmup_s": compile_s, "timed_steps_per_stage": steps,
-              "micro_batch_tokens": schedule.micro_batch_tokens, "stages": rows}
+              "micro_batch_tokens": schedule.micro_batch_tokens, "stages": rows,
+              # the schedule's steps at these step times; None when a stage went untimed
+              "projected_train_s": (sum(r["ms_per_step"] * (end - first) for r, (first, end)
+                                        in zip(rows, timed, strict=True)) / 1000
+                                    if len(timed) == len(schedule.spans()) else None)}
     for line in format_table(result):
         log(line)
     if manager.world.is_main:
@@ -131,11 +136,13 @@ def format_table(result):
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
+    projected = result["projected_train_s"]
     yield (f"benchmark on {result['world_size']} x {result['device']} (torch "
            f"{result['torch']}), medians of "
            f"{result['timed_steps_per_stage']} steps, micro-batch "
            f"{result['micro_batch_tokens']:,} tokens, compile + warm-up "
-           f"{result['compile_and_warmup_s']:.0f}s")
+           f"{result['compile_and_warmup_s']:.0f}s, projected train time "
+           f"{cell(projected, '.1f')}s")
     yield (f"{'stage':>5} {'steps':>11} {'tokens':>8} {'win':>6} {'ms/step':>8} "
            f"{'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'opt':>6} {'alloc GB':>9} "
            f"{'resv GB':>8}")

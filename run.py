@@ -286,9 +286,10 @@ def prepare_data(data_config, world, device):
 
 
 def run(config: RunConfig, resume=None, benchmark=False, profile=False, config_path=None,
-        world=None):
+        world=None, choose_micro_batch=False, environ=os.environ):
     """Set up the device (and under torchrun the process group), train or benchmark, tear
-    down; returns an exit status."""
+    down; returns an exit status. ``choose_micro_batch``: on a GPU, the largest micro-batch
+    that fits its memory replaces the config's (fit_micro_batch)."""
     import utils
     from distributed import World
 
@@ -301,15 +302,51 @@ def run(config: RunConfig, resume=None, benchmark=False, profile=False, config_p
         return EXIT_USAGE
     world.init(device.kind)
     try:
+        note = None
+        if device.kind == "cuda":
+            try:
+                config, note = fit_micro_batch(config, device, world, environ,
+                                               choose_micro_batch)
+            except ConfigError as exc:
+                if world.is_main:
+                    print(f"error: {exc}", file=sys.stderr)
+                return EXIT_USAGE
         if not prepare_data(config.data, world, device):
             return EXIT_USAGE
         utils.configure_torch(device, config.compile)
-        return train_and_report(config, device, world, resume, benchmark, profile, config_path)
+        return train_and_report(config, device, world, resume, benchmark, profile, config_path,
+                                note)
     finally:
         world.shutdown()
 
 
-def train_and_report(config, device, world, resume, benchmark, profile, config_path):
+def fit_micro_batch(config, device, world, environ, choose):
+    """Apply MAX_GPU_MEMORY_GB, and with ``choose`` (BATCH_SIZE_MULTIPLE not set) put the
+    largest micro-batch whose estimated peak fits the memory in the config's place (memory.py;
+    the tokens per step stay). Returns the config and a line saying what was chosen."""
+    import memory
+
+    limit = memory.memory_limit(device, world.local_rank, environ)
+    where = ("MAX_GPU_MEMORY_GB" if environ.get("MAX_GPU_MEMORY_GB") else "all") + \
+        f" of {device.name}"
+    tc = config.training
+    if not choose:
+        estimate = memory.peak_bytes(config, device, tc.batch_size_multiple)
+        return config, (f"micro-batch {tc.micro_batch_tokens:,} tokens (BATCH_SIZE_MULTIPLE="
+                        f"{tc.batch_size_multiple}, set by hand): estimated peak "
+                        f"{estimate / memory.GB:.1f} GB of {limit / memory.GB:.1f} GB ({where})")
+    multiple, estimate = memory.choose_multiple(config, device, limit, world.world_size)
+    raw = copy.deepcopy(config.raw)
+    raw["training_config"]["batch_size_multiple"] = multiple
+    return build_config(raw, world.world_size), (
+        f"micro-batch {multiple} x {tc.max_seq_len} = {multiple * tc.max_seq_len:,} tokens: the "
+        f"largest up to the config's {tc.batch_size_multiple} x {tc.max_seq_len} whose estimated "
+        f"peak, {estimate / memory.GB:.1f} GB, fits {limit / memory.GB:.1f} GB ({where}); "
+        "BATCH_SIZE_MULTIPLE=N sets it by hand")
+
+
+def train_and_report(config, device, world, resume, benchmark, profile, config_path,
+                     note=None):
     """Build the manager and run it; failures become a logged message and an exit status."""
     import torch
 
@@ -337,6 +374,8 @@ def train_and_report(config, device, world, resume, benchmark, profile, config_p
         logger = RankLogger(log_path, world.rank)
     devices = f"{world.world_size} x {device.name}" if world.distributed else device.name
     logger.print(f"run {run_id} | config {config_path} | device {devices} | log {log_path}")
+    if note:
+        logger.print(note)
     manager = None
     try:
         manager = TrainingManager(config, device, logger, world)
@@ -368,12 +407,14 @@ def train_and_report(config, device, world, resume, benchmark, profile, config_p
         logger.error(exc)
         return 1
     except torch.cuda.OutOfMemoryError:
-        multiple = tc.batch_size_multiple
-        logger.error(
-            f"CUDA out of memory with micro-batches of {tc.micro_batch_tokens} tokens. Lower "
-            f"BATCH_SIZE_MULTIPLE (now {multiple}; e.g. BATCH_SIZE_MULTIPLE="
-            f"{max(1, multiple // 2)}): the tokens per optimizer step stay the same, only the "
-            "micro-batch shrinks")
+        import memory
+
+        smaller = memory.fitting_multiples(config, world.world_size)[1:2]
+        advice = (f"set BATCH_SIZE_MULTIPLE={smaller[0]} (now {tc.batch_size_multiple}): the "
+                  "tokens per optimizer step stay the same, only the micro-batch shrinks"
+                  if smaller else "this is the smallest micro-batch: use a smaller model")
+        logger.error(f"CUDA out of memory with micro-batches of {tc.micro_batch_tokens:,} "
+                     f"tokens; {advice}")
         return 1
     except KeyboardInterrupt as exc:  # train.Interrupted carries the signal (SIGTERM: 143)
         return 128 + getattr(exc, "signum", signal.SIGINT)
@@ -426,8 +467,11 @@ def resolve_config(argv, environ=os.environ):
     config = apply_environment(load_config(args.config), environ)
     common = [(f"training_config.{key}", getattr(args, key)) for key in COMMON_KEYS
               if getattr(args, key) is not None]
-    for key, value in common + parse_overrides(rest):
-        apply_override(config, key, value)
+    overridden = {apply_override(config, key, value) for key, value in common
+                  + parse_overrides(rest)}
+    # set by hand, the micro-batch stays; otherwise a GPU run fits it to the memory
+    args.micro_batch_set = (bool(environ.get("BATCH_SIZE_MULTIPLE"))
+                            or "training_config.batch_size_multiple" in overridden)
     if args.device is not None:
         config.setdefault("training_config", {})["device"] = args.device
         if args.device == "cpu":
@@ -450,7 +494,8 @@ def main(argv=None, environ=os.environ):
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return run(config, resume=args.resume, benchmark=args.benchmark, profile=args.profile,
-               config_path=args.config, world=world)
+               config_path=args.config, world=world,
+               choose_micro_batch=not args.micro_batch_set, environ=environ)
 
 
 if __name__ == "__main__":

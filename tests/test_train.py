@@ -475,6 +475,21 @@ def test_bad_shards_stop_before_training_with_exit_2(config, tmp_path, capsys, p
     assert "step 1/" not in out
 
 
+def test_out_of_memory_names_the_next_micro_batch_that_fits(config, tmp_path, monkeypatch,
+                                                            capsys):
+    def out_of_memory(manager):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.TrainingManager, "run", out_of_memory)
+    assert run.run(run.build_config(config), config_path="test") == 1
+    assert ("error: CUDA out of memory with micro-batches of 128 tokens; set "
+            "BATCH_SIZE_MULTIPLE=1 (now 2): the tokens per optimizer step stay the same"
+            in capsys.readouterr().out)
+    config["training_config"]["batch_size_multiple"] = 1
+    assert run.run(run.build_config(config), config_path="test") == 1
+    assert "this is the smallest micro-batch" in capsys.readouterr().out
+
+
 def test_early_stopped_run_writes_no_record(config, tmp_path):
     config["training_config"]["early_stop_steps"] = 3
     assert run.run(run.build_config(config), config_path="test") == 0
@@ -526,8 +541,11 @@ def test_benchmark_mode_reports_every_stage(config, tmp_path):
         assert row["ms_per_step"] > 0 and 0 < row["optimizer_share"] < 1
         assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / row["ms_per_step"]
                                                     * 1000)
+    assert result["projected_train_s"] == pytest.approx(
+        sum(r["ms_per_step"] * n for r, n in zip(result["stages"], (4, 4, 4, 2), strict=True))
+        / 1000)
     log = (tmp_path / "log.txt").read_text()
-    assert "ms/step" in log and "Self CPU" in log
+    assert "ms/step" in log and "Self CPU" in log and "projected train time" in log
 
 
 def test_git_commit_marks_a_modified_checkout(tmp_path, monkeypatch):
