@@ -680,7 +680,8 @@ class TrainingManager:
         return {"val_loss": val_loss, "train_time": self.train_time, "steps": self.step,
                 "tokens": sum(self.schedule.at(s).tokens for s in range(self.step)),
                 "wall_time": wall, "early_stopped": early_stopped,
-                "model": None if model is None else str(model)}
+                "model": None if model is None else str(model),
+                "history": [list(entry) for entry in self.history]}
 
     def stop_on_signal(self, signum):
         name = signal.Signals(signum).name

@@ -1,5 +1,6 @@
 """model.py: causality, document isolation, windows, the one graph, init, labels, dtypes."""
 
+import math
 import re
 from pathlib import Path
 
@@ -149,11 +150,30 @@ def test_every_parameter_has_a_known_group(tiny_model_config):
             assert p.ndim >= 2, name
 
 
-def test_activations(tiny_model_config):
-    x = tokens(32)
-    for activation in ACTIVATIONS:
-        gpt = make_model(dict(tiny_model_config, activation=activation))
-        assert torch.isfinite(gpt(x)).all(), activation
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_activations(tiny_model_config, activation):
+    # each activation against its formula, written out with math's erf and exp, through the
+    # MLP that uses it: up projection, activation, down projection
+    def gelu(v):
+        return 0.5 * v * (1 + math.erf(v / math.sqrt(2)))
+
+    def silu(v):
+        return v / (1 + math.exp(-v))
+
+    single = {"relu2": lambda v: max(v, 0.0) ** 2, "gelu": gelu, "silu": silu}
+    gated = {"swiglu": silu, "geglu": gelu}
+    mlp = make_model(dict(tiny_model_config, activation=activation)).blocks[0].mlp
+    x = torch.randn(1, 5, tiny_model_config["model_dim"],
+                    generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        pre = (x @ mlp.fc.T)[0].tolist()
+        if activation in single:
+            hidden = [[single[activation](v) for v in row] for row in pre]
+        else:  # interleaved pairs: act(even) * odd
+            hidden = [[gated[activation](a) * b for a, b in zip(row[0::2], row[1::2], strict=True)]
+                      for row in pre]
+        expected = torch.tensor(hidden) @ mlp.proj.T
+        torch.testing.assert_close(mlp(x)[0], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_tanh_softcap(tiny_model_config):
