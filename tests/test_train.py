@@ -4,6 +4,7 @@ training mode end to end, records and their summary, the benchmark mode."""
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -345,20 +346,23 @@ def test_sigterm_exits_143_with_a_checkpoint(config, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_under_uv_run_saves_a_checkpoint_and_exits_130(data_dir, tmp_path):
-    # What `uv run` without a terminal does on Ctrl-C: it forwards SIGINT to the trainer, which
-    # so receives two. The process must write a complete checkpoint and exit with 130.
+    # Ctrl-C sends SIGINT to the foreground process group: `uv run` and the trainer; uv, with
+    # no terminal, forwards it to the trainer, which so receives two. The process must write a
+    # complete checkpoint and exit with 130.
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not installed")
     process = subprocess.Popen(
-        [sys.executable, "run.py", "--config", "config/cpu.py", "--seed", "1",
+        [uv, "run", "--no-sync", "python", "run.py", "--config", "config/cpu.py", "--seed", "1",
          "--val_tokens", "1024", "--val_loss_every", "0", "--log_dir", str(tmp_path),
          "--checkpoint_dir", str(tmp_path / "ckpt")],
         cwd=utils.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "DATA_PATH": str(data_dir)})
+        env={**os.environ, "DATA_PATH": str(data_dir)}, start_new_session=True)
     lines = []
     for line in process.stdout:
         lines.append(line)
         if line.startswith("step 2/"):
-            process.send_signal(signal.SIGINT)
-            process.send_signal(signal.SIGINT)
+            os.killpg(process.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
             break
     lines += process.stdout.readlines()
     assert process.wait(timeout=120) == 130, "".join(lines)
