@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from data.shards import BOS_ID
 from layers.attention import GatedAttention
 from layers.bigram import BigramEmbedding
 from layers.core import make_param, norm
@@ -38,7 +39,7 @@ from layers.masks import attention_masks, document_ids
 from layers.mlp import ACTIVATIONS, MLP
 from layers.mudd import MUDD_SCALE, CoefficientNet, GateLayout, GateNetworks
 from layers.rotary import Yarn, rotary_tables
-from utils import ConfigError, build_section
+from utils import ConfigError, build_section, check_ranges
 
 # the dense connections' initial coefficients (before MUDD_SCALE): the last layer keeps its
 # input (10 sqrt(1.1)), its attention and MLP outputs (10), adds the value embedding at
@@ -99,6 +100,13 @@ class GPTConfig:
     mlp_proj_lr_mul: float  # the record's c_proj: its shape factor 2 times its own 2
 
     def __post_init__(self):
+        check_ranges("model_config", self,
+                     positive=("vocab_size", "vocab_multiple", "num_layers", "model_dim",
+                               "num_heads", "head_dim", "ffn_dim", "block_size", "rope_base",
+                               "logit_softcap", "softcap_temp", "gate_hidden", "mudd_hidden"),
+                     non_negative=("init_std", "lm_head_init_std", "value_embed_init_std",
+                                   "bigram_rows", "bigram_sign_rows"),
+                     fractions=("rope_fraction",))
         L, problems = self.num_layers, []
         if len(self.window_pattern) != L or set(self.window_pattern) - set("LS-"):
             problems.append(f"window_pattern {self.window_pattern!r} needs one of L, S, - for "
@@ -237,8 +245,7 @@ class GPT(nn.Module):
         hidden = self.hidden_states(inputs, docs)[0]
         head = self.lm_head.type_as(hidden)
         if targets is None:
-            logits = kernels.softcap(F.linear(hidden, head).float(), *self.softcap_args)
-            return logits[:, :self.config.vocab_size]
+            return self.logits(hidden)[:, :self.config.vocab_size]
         if loss_weights is not None:
             targets, weights = prediction_targets(targets, loss_weights, self.prefix_table)
         else:
@@ -246,6 +253,36 @@ class GPT(nn.Module):
         return kernels.linear_softcap_cross_entropy(hidden, head, targets, *self.softcap_args,
                                                     fp8=self.config.fp8_lm_head,
                                                     weights=weights)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The softcapped float32 logits (T, padded vocab) of final hidden states (T, D). The
+        columns past vocab_size belong to no token, but the training loss normalises over
+        them too; a distribution over tokens leaves them out."""
+        logits = F.linear(hidden, self.lm_head.type_as(hidden))
+        return kernels.softcap(logits.float(), *self.softcap_args)
+
+    def start_decoding(self) -> "DecodeState":
+        return DecodeState()
+
+    @torch.no_grad()
+    def decode(self, inputs: Tensor, state: "DecodeState") -> Tensor:
+        """The logits (n, vocab_size) of ``inputs`` (n,), the tokens that continue the sequence
+        ``state`` holds (``start_decoding()`` holds none), as a forward pass over the whole
+        sequence would give them (tests/test_model.py). No keys and values are cached (the
+        paired heads, the key offset, DC and the dense connections would each need their own
+        cache): the forward pass runs again over the new tokens behind the
+        ``receptive_field`` tokens they can depend on, so a token costs the same however long
+        the sequence. The state then holds ``inputs`` too."""
+        bs = self.config.block_size
+        reach = self.config.receptive_field(self.yarn.current)
+        tokens = state.extend(inputs, reach + bs, bs)
+        first = tokens.numel() - inputs.numel()
+        start = max(0, first - reach) // bs * bs  # whole blocks, as the sequence was cut
+        window = tokens[start:]
+        padded = torch.cat([window, window.new_full((-window.numel() % bs,), BOS_ID)])
+        hidden = self.hidden_states(padded, document_ids(padded))[0]
+        rows = hidden[first - start:tokens.numel() - start]
+        return self.logits(rows)[:, :self.config.vocab_size]
 
     @property
     def softcap_args(self):
@@ -361,6 +398,22 @@ class GPT(nn.Module):
                 keys = min(window + 1, seq_len)
                 attention += 4 * hdim * keys
         return 6 * matmul + 3 * attention
+
+
+class DecodeState:
+    """What ``GPT.decode`` keeps between calls: the last tokens of the sequence, as many as the
+    next call can depend on."""
+
+    def __init__(self):
+        self.tokens = None
+
+    def extend(self, inputs: Tensor, keep: int, block: int) -> Tensor:
+        """Add ``inputs``; drop whole blocks of tokens from the front while more than ``keep``
+        stay before the new ones. Returns the tokens held."""
+        tokens = inputs if self.tokens is None else torch.cat([self.tokens, inputs])
+        drop = max(0, tokens.numel() - inputs.numel() - keep) // block * block
+        self.tokens = tokens[drop:]
+        return self.tokens
 
 
 def _bias(size: int, values: dict) -> Tensor:

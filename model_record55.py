@@ -23,11 +23,11 @@ from layers.attention import CausalSelfAttention
 from layers.core import make_param, norm
 from layers.embeddings import EmbeddingTie, SmearGate, ValueEmbeddings
 from layers.head import prediction_targets
-from layers.masks import attention_masks, document_ids
+from layers.masks import attention_masks, attention_rows, document_ids
 from layers.mlp import ACTIVATIONS, MLP
 from layers.rotary import Yarn
 from layers.routing import Backout, SkipConnections
-from utils import ConfigError
+from utils import ConfigError, check_ranges
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,12 @@ class Record55Config:
     lm_head_init_std: float  # the (tied) head/embedding: normal with this std
 
     def __post_init__(self):
+        check_ranges("model_config", self,
+                     positive=("vocab_size", "vocab_multiple", "num_layers", "model_dim",
+                               "num_heads", "head_dim", "ffn_dim", "block_size", "rope_base",
+                               "logit_softcap", "softcap_temp"),
+                     non_negative=("init_std", "lm_head_init_std"),
+                     fractions=("rope_fraction",))
         problems = []
         pattern_ok = (len(self.window_pattern) == self.num_layers
                       and not set(self.window_pattern) - set("LS-"))
@@ -123,10 +129,10 @@ class Block(nn.Module):
         self.mix = make_param(torch.tensor([config.residual_init, config.x0_init]), "scalar",
                               wd_mul=0.0)
 
-    def forward(self, x, x0, ve, masks, rotary, scale):
+    def forward(self, x, x0, ve, masks, rotary, scale, cache=None):
         x = self.mix[0] * x + self.mix[1] * x0
         if self.attn is not None:
-            x = x + self.attn(norm(x), ve, masks[self.window], rotary, scale)
+            x = x + self.attn(norm(x), ve, masks[self.window], rotary, scale, cache)
         return x + self.mlp(norm(x))
 
 
@@ -174,13 +180,38 @@ class GPT55(nn.Module):
         # the backward pass
         hidden, head = hidden[0], self.lm_head.type_as(hidden)
         if targets is None:
-            logits = kernels.softcap(F.linear(hidden, head).float(), *self.softcap_args)
-            return logits[:, :self.config.vocab_size]
+            return self.logits(hidden)[:, :self.config.vocab_size]
         weights = None
         if loss_weights is not None:
             targets, weights = prediction_targets(targets, loss_weights, None)
         return kernels.linear_softcap_cross_entropy(hidden, head, targets, *self.softcap_args,
                                                     fp8=self.config.fp8_lm_head, weights=weights)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The softcapped float32 logits (T, padded vocab) of final hidden states (T, D). The
+        columns past vocab_size belong to no token, but the training loss normalises over
+        them too; a distribution over tokens leaves them out."""
+        logits = F.linear(hidden, self.lm_head.type_as(hidden))
+        return kernels.softcap(logits.float(), *self.softcap_args)
+
+    def start_decoding(self) -> "DecodeState":
+        return DecodeState(self)
+
+    @torch.no_grad()
+    def decode(self, inputs: Tensor, state: "DecodeState") -> Tensor:
+        """The logits (n, vocab_size) of ``inputs`` (n,), the tokens that continue the sequence
+        ``state`` holds (``start_decoding()`` holds none): as a forward pass over the
+        whole sequence would give them (tests/test_model_record55.py), from the keys and
+        values each attention layer cached. Attention reads only the keys its window reaches,
+        so a token costs the same however long the sequence. The state then holds ``inputs``
+        too."""
+        docs = state.extend(inputs)
+        bs = self.config.block_size
+        masks = {letter: attention_rows(docs, inputs.numel(), window, bs)
+                 for letter, window in zip("SL", self.yarn.current, strict=True)}
+        rotary = tuple(t[:, -inputs.numel():] for t in self.yarn.tables(docs.numel()))
+        hidden = self.blocks_output(inputs, masks, rotary, state)[0]
+        return self.logits(hidden)[:, :self.config.vocab_size]
 
     @property
     def softcap_args(self):
@@ -199,17 +230,25 @@ class GPT55(nn.Module):
         windows = (self.yarn.windows[0], self.yarn.windows[1])
         masks = dict(zip("SL", attention_masks(docs, windows, self.config.block_size,
                                                inputs.is_cuda), strict=True))
+        return self.blocks_output(inputs, masks, self.yarn.tables(inputs.numel()))
+
+    def blocks_output(self, inputs, masks, rotary, state=None):
+        """Embedding, blocks and final norm of ``inputs``; with a DecodeState, the tokens
+        continue the ones it holds (``decode``)."""
         dtype = self.compute_dtype(inputs)
         x = F.embedding(inputs, self.embed)[None].to(dtype)
         if self.smear is not None:
-            x = self.smear(x, inputs)
+            previous = None if state is None else state.previous
+            if state is not None:
+                state.previous = x[:, -1:]
+            x = self.smear(x, inputs, previous)
         x = x0 = norm(x)
         value_embeds = self.value_embeds(inputs, dtype)
-        rotary = self.yarn.tables(inputs.numel())
         saved, backout = {}, None
         for layer, block in enumerate(self.blocks):
+            cache = None if state is None else state.caches[layer]
             x = self.skips.arrive(layer, x, x0, saved)
-            x = block(x, x0, value_embeds.get(layer), masks, rotary, self.yarn.attn_scale)
+            x = block(x, x0, value_embeds.get(layer), masks, rotary, self.yarn.attn_scale, cache)
             self.skips.leave(layer, x, saved)
             if self.backout is not None and layer == self.backout.layer:
                 backout = x
@@ -248,3 +287,23 @@ def mean_attended_keys(seq_len, window_blocks, block_size):
     num_blocks = max(1, seq_len // block_size)
     total = sum(min(i, window_blocks - 1) for i in range(num_blocks))
     return total / num_blocks * block_size + (block_size + 1) / 2
+
+
+class DecodeState:
+    """What ``GPT55.decode`` keeps between calls: each attention layer's cache (its own kind,
+    from ``new_cache()``), the document id of every token so far, and the last token's
+    embedding (the smear gate mixes it into the next)."""
+
+    def __init__(self, model: GPT55):
+        self.caches = [block.attn.new_cache() if block.attn is not None else None
+                       for block in model.blocks]
+        self.docs = None
+        self.previous = None
+
+    def extend(self, inputs: Tensor) -> Tensor:
+        """Add the new tokens' document ids; returns those of the whole sequence."""
+        docs = document_ids(inputs)
+        if self.docs is not None:
+            docs = torch.cat([self.docs, docs + self.docs[-1]])
+        self.docs = docs
+        return docs

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from distributed import World
-from utils import ConfigError, build_section
+from utils import ConfigError, build_section, check_ranges
 
 LABEL_GROUPS: dict[str, str] = {
     "embed": "adam",
@@ -107,6 +107,19 @@ class AroConfig:
     rms: float
 
 
+def _build_hyperparameters(cls, name: str, values):
+    """One optimizer's section, its keys, types and ranges checked."""
+    config = build_section(cls, name, values)
+    check_ranges(name, config,
+                 positive=[k for k in ("eps", "sinkhorn_iters", "rms") if hasattr(config, k)],
+                 non_negative=("lr", "weight_decay"),
+                 below_one=[k for k in ("momentum", "beta2") if hasattr(config, k)])
+    betas = getattr(config, "betas", (0.0, 0.0))
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"{name}.betas must be two numbers in [0, 1), got {betas}")
+    return config
+
+
 _MATRIX_CONFIGS = {"normuon": NorMuonConfig, "bam": BamConfig, "aro": AroConfig}
 
 
@@ -149,11 +162,14 @@ class OptimizerConfig:
                               f"{matrix_betas}")
         for other in set(MATRIX_OPTIMIZERS) - {method}:
             if other in values:  # unused here, but a later --matrix_optimizer may pick it
-                build_section(_MATRIX_CONFIGS[other], f"{name}.{other}", values[other])
+                _build_hyperparameters(_MATRIX_CONFIGS[other], f"{name}.{other}",
+                                       values[other])
         return cls(method,
-                   build_section(AdamConfig, f"{name}.adam", values["adam"]),
-                   build_section(AdamConfig, f"{name}.scalar_adam", values["scalar_adam"]),
-                   build_section(_MATRIX_CONFIGS[method], f"{name}.{method}", values[method]),
+                   _build_hyperparameters(AdamConfig, f"{name}.adam", values["adam"]),
+                   _build_hyperparameters(AdamConfig, f"{name}.scalar_adam",
+                                          values["scalar_adam"]),
+                   _build_hyperparameters(_MATRIX_CONFIGS[method], f"{name}.{method}",
+                                          values[method]),
                    **labels)
 
 

@@ -7,7 +7,7 @@
 A config is a flat Python module whose public dict attributes (``model_config``,
 ``optimizer_config``, ``training_config``, ``schedule``, ...) are the sections of the run's
 configuration. Any key can be overridden from the command line as ``--key value`` (when the
-key name is unique across sections) or ``--section.key value`` / ``--section.sub.key value``
+key name occurs once in the config) or ``--section.key value`` / ``--section.sub.key value``
 (always unambiguous). Values are parsed as Python literals and must keep the type of the value
 they replace. The command line is checked before torch is imported; then ``build_config``
 turns the sections into their typed, checked objects once (``RunConfig``), before any model
@@ -21,7 +21,7 @@ import copy
 import difflib
 import importlib.util
 import os
-import pickle
+import signal
 import sys
 import uuid
 from dataclasses import dataclass
@@ -77,21 +77,19 @@ def _dotted_keys(tree, prefix=""):
 
 
 def _resolve_key(config, key):
-    """Map an override key to a full dotted path, or raise a ConfigError with suggestions."""
-    paths = list(_dotted_keys(config))
-    if "." in key:
-        if key in paths:
-            return key
-        close = difflib.get_close_matches(key, paths, n=5, cutoff=0.5)
-        raise ConfigError(f"unknown config key '{key}'" + _suggest(close))
-    matches = [p for p in paths if p.split(".")[-1] == key and p.count(".") == 1]
+    """Map an override key to a full dotted path, or raise a ConfigError with suggestions.
+
+    A key is a path's tail: 'seed', 'adam.lr' or 'optimizer_config.adam.lr'; it must name
+    exactly one key of the config (sections themselves are not keys)."""
+    paths = [p for p in _dotted_keys(config) if "." in p]
+    matches = [p for p in paths if p == key or p.endswith("." + key)]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise ConfigError(f"ambiguous config key '{key}': it exists in several sections; "
+        raise ConfigError(f"ambiguous config key '{key}': it exists in {len(matches)} places; "
                           f"use one of: {', '.join(sorted(matches))}")
-    leaves = sorted({p.split(".")[-1] for p in paths if p.count(".") == 1})
-    close = difflib.get_close_matches(key, leaves, n=5, cutoff=0.5)
+    leaves = sorted({p.split(".")[-1] for p in paths})
+    close = [] if "." in key else difflib.get_close_matches(key, leaves, n=5, cutoff=0.5)
     close += difflib.get_close_matches(key, paths, n=3, cutoff=0.6)
     raise ConfigError(f"unknown config key '{key}'" + _suggest(close))
 
@@ -212,6 +210,7 @@ def build_config(raw: dict, world_size: int = 1) -> RunConfig:
         ScheduleConfig,
         TrainingConfig,
         validation_context,
+        validation_fits,
     )
     from utils import CompileConfig, build_section
 
@@ -232,7 +231,7 @@ def build_config(raw: dict, world_size: int = 1) -> RunConfig:
         raise ConfigError(f"training_config.val_tokens ({training.val_tokens}) must be a "
                           f"positive multiple of val_chunk_tokens ({chunk}){processes}")
     context = validation_context(model, schedule)
-    if chunk > training.micro_batch_tokens and context >= training.micro_batch_tokens:
+    if not validation_fits(chunk, training.micro_batch_tokens, context):
         raise ConfigError(f"validation chunks of {chunk} tokens go to the model in micro-batches "
                           f"of {training.micro_batch_tokens}, each behind {context} tokens of "
                           "context (the model's reach at its largest windows): raise "
@@ -302,9 +301,10 @@ def prepare_data(data_config, world, device):
 
 
 def run(config: RunConfig, resume=None, benchmark=False, profile=False, config_path=None,
-        world=None):
+        world=None, choose_micro_batch=False, environ=os.environ):
     """Set up the device (and under torchrun the process group), train or benchmark, tear
-    down; returns an exit status."""
+    down; returns an exit status. ``choose_micro_batch``: on a GPU, the largest micro-batch
+    that fits its memory replaces the config's (fit_micro_batch)."""
     import utils
     from distributed import World
 
@@ -317,31 +317,69 @@ def run(config: RunConfig, resume=None, benchmark=False, profile=False, config_p
         return EXIT_USAGE
     world.init(device.kind)
     try:
+        note = None
+        if device.kind == "cuda":
+            try:
+                config, note = fit_micro_batch(config, device, world, environ,
+                                               choose_micro_batch)
+            except ConfigError as exc:
+                if world.is_main:
+                    print(f"error: {exc}", file=sys.stderr)
+                return EXIT_USAGE
         if not prepare_data(config.data, world, device):
             return EXIT_USAGE
         utils.configure_torch(device, config.compile)
-        return train_and_report(config, device, world, resume, benchmark, profile, config_path)
+        return train_and_report(config, device, world, resume, benchmark, profile, config_path,
+                                note)
     finally:
         world.shutdown()
 
 
-def train_and_report(config, device, world, resume, benchmark, profile, config_path):
+def fit_micro_batch(config, device, world, environ, choose):
+    """Apply MAX_GPU_MEMORY_GB, and with ``choose`` (BATCH_SIZE_MULTIPLE not set) put the
+    largest micro-batch whose estimated peak fits the memory in the config's place (memory.py;
+    the tokens per step stay). Returns the config and a line saying what was chosen."""
+    import memory
+
+    limit = memory.memory_limit(device, world.local_rank, environ)
+    where = ("MAX_GPU_MEMORY_GB" if environ.get("MAX_GPU_MEMORY_GB") else "all") + \
+        f" of {device.name}"
+    tc = config.training
+    if not choose:
+        estimate = memory.peak_bytes(config, device, tc.batch_size_multiple)
+        return config, (f"micro-batch {tc.micro_batch_tokens:,} tokens (BATCH_SIZE_MULTIPLE="
+                        f"{tc.batch_size_multiple}, set by hand): estimated peak "
+                        f"{estimate / memory.GB:.1f} GB of {limit / memory.GB:.1f} GB ({where})")
+    multiple, estimate = memory.choose_multiple(config, device, limit, world.world_size)
+    raw = copy.deepcopy(config.raw)
+    raw["training_config"]["batch_size_multiple"] = multiple
+    return build_config(raw, world.world_size), (
+        f"micro-batch {multiple} x {tc.max_seq_len} = {multiple * tc.max_seq_len:,} tokens: the "
+        f"largest up to the config's {tc.batch_size_multiple} x {tc.max_seq_len} whose estimated "
+        f"peak, {estimate / memory.GB:.1f} GB, fits {limit / memory.GB:.1f} GB ({where}); "
+        "BATCH_SIZE_MULTIPLE=N sets it by hand")
+
+
+def train_and_report(config, device, world, resume, benchmark, profile, config_path,
+                     note=None):
     """Build the manager and run it; failures become a logged message and an exit status."""
     import torch
 
+    import checkpoints
     from data.shards import ShardError
     from records.write import write_record
-    from train import RankLogger, RunLogger, TrainingError, TrainingManager, read_checkpoint
+    from train import RankLogger, RunLogger, TrainingError, TrainingManager
 
     tc = config.training
     state = None
     if resume:  # read first: a resumed run keeps its run id, so its log and record
         try:
-            state = read_checkpoint(resume, world.torch_device(device.kind))
-        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
-            print(f"error: cannot read checkpoint {resume}: {exc}", file=sys.stderr)
+            _, state = checkpoints.read(resume, world.torch_device(device.kind),
+                                        kind="checkpoint")
+        except checkpoints.CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    run_id = (state or {}).get("run_id") or str(uuid.uuid4())  # older checkpoints have none
+    run_id = state["run_id"] if state else str(uuid.uuid4())
     run_id = world.broadcast_object(run_id, world.torch_device(device.kind))
     log_path = Path(repo_path(config.logging.log_dir)) / f"{run_id}.txt"
     if world.is_main:
@@ -351,6 +389,8 @@ def train_and_report(config, device, world, resume, benchmark, profile, config_p
         logger = RankLogger(log_path, world.rank)
     devices = f"{world.world_size} x {device.name}" if world.distributed else device.name
     logger.print(f"run {run_id} | config {config_path} | device {devices} | log {log_path}")
+    if note:
+        logger.print(note)
     manager = None
     try:
         manager = TrainingManager(config, device, logger, world)
@@ -382,15 +422,17 @@ def train_and_report(config, device, world, resume, benchmark, profile, config_p
         logger.error(exc)
         return 1
     except torch.cuda.OutOfMemoryError:
-        multiple = tc.batch_size_multiple
-        logger.error(
-            f"CUDA out of memory with micro-batches of {tc.micro_batch_tokens} tokens. Lower "
-            f"BATCH_SIZE_MULTIPLE (now {multiple}; e.g. BATCH_SIZE_MULTIPLE="
-            f"{max(1, multiple // 2)}): the tokens per optimizer step stay the same, only the "
-            "micro-batch shrinks")
+        import memory
+
+        smaller = memory.fitting_multiples(config, world.world_size)[1:2]
+        advice = (f"set BATCH_SIZE_MULTIPLE={smaller[0]} (now {tc.batch_size_multiple}): the "
+                  "tokens per optimizer step stay the same, only the micro-batch shrinks"
+                  if smaller else "this is the smallest micro-batch: use a smaller model")
+        logger.error(f"CUDA out of memory with micro-batches of {tc.micro_batch_tokens:,} "
+                     f"tokens; {advice}")
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # train.Interrupted carries the signal (SIGTERM: 143)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     finally:
         if manager is not None:
             manager.train_loader.close()
@@ -412,20 +454,39 @@ def build_parser():
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="override the config's device; cpu turns compile off")
     parser.add_argument("--resume", default=None, metavar="PATH",
-                        help="continue from a checkpoint written by --checkpoint_every")
+                        help="continue from a checkpoint (written every --checkpoint_every "
+                             "steps and on Ctrl-C or SIGTERM)")
     parser.add_argument("--benchmark", action="store_true",
                         help="time each schedule stage and print a throughput table")
     parser.add_argument("--profile", action="store_true",
                         help="with --benchmark: also profile the last stage's kernels")
+    keys = parser.add_argument_group(
+        "config keys most often set (any other as --key value or --section.key value)")
+    for key, text in COMMON_KEYS.items():
+        keys.add_argument(f"--{key}", metavar="N", help=text)
     return parser
+
+
+# training_config keys listed by --help; they are applied as overrides, checked alike
+COMMON_KEYS = {
+    "seed": "random seed of weights and data order (runs with one seed repeat exactly)",
+    "early_stop_steps": "stop after N steps, every schedule unchanged (smoke runs)",
+    "checkpoint_every": "write a checkpoint every N steps (0: only on interrupt)",
+    "keep_checkpoints": "keep the newest N checkpoints of the run (0: all)",
+}
 
 
 def resolve_config(argv, environ=os.environ):
     """Parse the command line into (args, config dict); raises ConfigError on any bad input."""
     args, rest = build_parser().parse_known_args(argv)
     config = apply_environment(load_config(args.config), environ)
-    for key, value in parse_overrides(rest):
-        apply_override(config, key, value)
+    common = [(f"training_config.{key}", getattr(args, key)) for key in COMMON_KEYS
+              if getattr(args, key) is not None]
+    overridden = {apply_override(config, key, value) for key, value in common
+                  + parse_overrides(rest)}
+    # set by hand, the micro-batch stays; otherwise a GPU run fits it to the memory
+    args.micro_batch_set = (bool(environ.get("BATCH_SIZE_MULTIPLE"))
+                            or "training_config.batch_size_multiple" in overridden)
     if args.device is not None:
         config.setdefault("training_config", {})["device"] = args.device
         if args.device == "cpu":
@@ -448,7 +509,8 @@ def main(argv=None, environ=os.environ):
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return run(config, resume=args.resume, benchmark=args.benchmark, profile=args.profile,
-               config_path=args.config, world=world)
+               config_path=args.config, world=world,
+               choose_micro_batch=not args.micro_batch_set, environ=environ)
 
 
 if __name__ == "__main__":

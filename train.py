@@ -15,6 +15,7 @@ gradients over the ranks. Rank 0 alone prints, logs and checkpoints.
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -23,16 +24,52 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoints
 from data.loader import DataLoader, validation_pieces
 from distributed import World
 from layers.masks import document_ids
 from model import build_model, model_config
 from optimizers import build_optimizer
-from utils import ConfigError, build_section, repo_path
+from utils import ConfigError, build_section, check_ranges, repo_path
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, out of memory); the message says why and where."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on a signal (SIGINT, SIGTERM) after saving; the exit status is
+    128 + the signal's number, as a shell reports a process a signal ended."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Signals:
+    """Within ``with``: SIGINT and SIGTERM are recorded in ``received`` (the first one) instead
+    of interrupting, so the code in progress finishes; the previous handlers come back after.
+    Not ``enabled``: nothing changes (Ctrl-C raises KeyboardInterrupt as usual)."""
+
+    STOP = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        if self.enabled:
+            self.previous = {s: signal.signal(s, self._record) for s in self.STOP}
+        return self
+
+    def _record(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass(frozen=True)
@@ -52,8 +89,10 @@ class TrainingConfig:
     early_stop_steps: int | None  # stop after this many steps, the schedule unchanged
     grad_clip_norm: float  # 0: off
     checkpoint_every: int  # 0: off
-    checkpoint_dir: str
-    save_on_interrupt: bool
+    keep_checkpoints: int  # the newest this many of a run's checkpoints stay; 0: all
+    checkpoint_dir: str  # checkpoints and the final model
+    save_on_interrupt: bool  # SIGINT or SIGTERM: checkpoint after the step in progress
+    save_model: bool  # the trained model at the end of every full run
     records_dir: str
     benchmark_steps: int  # timed steps per stage in --benchmark mode
 
@@ -61,6 +100,17 @@ class TrainingConfig:
         if self.device not in ("cuda", "cpu"):
             raise ConfigError(f"training_config.device must be 'cuda' or 'cpu', not "
                               f"{self.device!r}")
+        check_ranges("training_config", self,
+                     positive=("max_seq_len", "batch_size_multiple", "val_tokens",
+                               "target_val_loss", "early_stop_steps", "benchmark_steps"),
+                     non_negative=("seed", "val_loss_every", "grad_clip_norm",
+                                   "checkpoint_every", "keep_checkpoints"))
+        if self.seed >= 2**32:
+            raise ConfigError(f"training_config.seed must be below 2**32 (numpy's seed), got "
+                              f"{self.seed}")
+        if not self.run_name or set(self.run_name) & set("/\\"):
+            raise ConfigError(f"training_config.run_name {self.run_name!r} names files: give "
+                              "a non-empty name without slashes")
 
     @property
     def micro_batch_tokens(self):
@@ -96,6 +146,8 @@ class Stage:
 
     def __post_init__(self):
         check_windows("schedule.stages: windows", self.windows)
+        check_ranges("schedule.stages", self, positive=("tokens", "duration"),
+                     non_negative=("lr_mul",))
         weights = self.mtp_weights + (self.mtp_weights_end or ())
         if not self.mtp_weights or any(not isinstance(w, (int, float)) or w < 0
                                        for w in weights):
@@ -135,6 +187,15 @@ class ScheduleConfig:
     split_frac: float  # untie the embedding from the lm_head at this share of the stages
     freeze_scalars_steps: int  # the scalar Adam holds still this long when a stage begins
     adam_every: int  # Adam steps on every n-th step, with the gradients of the n summed
+
+    def __post_init__(self):
+        check_ranges("schedule", self,
+                     positive=("num_scheduled_iterations", "adam_every"),
+                     non_negative=("num_extension_iterations", "warmup_steps", "final_lr_ratio",
+                                   "momentum_warmup_steps", "momentum_cooldown_steps",
+                                   "freeze_scalars_steps"),
+                     fractions=("cooldown_frac", "split_frac"),
+                     below_one=("momentum_start", "momentum_peak", "momentum_end"))
 
     @classmethod
     def from_dict(cls, values: dict) -> "ScheduleConfig":
@@ -199,10 +260,6 @@ class Schedule:
                               f"lengthen the stage")
 
     def _check(self):
-        c = self.config
-        if self.scheduled < 1 or c.num_extension_iterations < 0:
-            raise ConfigError("schedule: num_scheduled_iterations must be >= 1 and "
-                              "num_extension_iterations >= 0")
         if not self.stages_table:
             raise ConfigError("schedule.stages must be a tuple of stage rows (dicts)")
         *rows, extension = self.stages_table
@@ -216,14 +273,10 @@ class Schedule:
             raise ConfigError(f"schedule.stages: the durations sum to "
                               f"{sum(s.duration for s in rows)}, not 1")
         for stage in self.stages_table:
-            if stage.tokens <= 0 or stage.tokens % self.round_tokens:
+            if stage.tokens % self.round_tokens:
                 raise ConfigError(f"schedule.stages: tokens {stage.tokens} is not a multiple of "
                                   f"{self.describe_round()}; {self._batch_fix()}")
-        check_windows("schedule.validation_windows", c.validation_windows)
-        if not 0 <= c.cooldown_frac <= 1 or c.warmup_steps < 0:
-            raise ConfigError("schedule: cooldown_frac in [0, 1], warmup_steps >= 0")
-        if c.adam_every < 1:
-            raise ConfigError(f"schedule.adam_every must be >= 1, got {c.adam_every}")
+        check_windows("schedule.validation_windows", self.config.validation_windows)
         for stage in self.stages_table:
             if stage.max_seq_len is not None and not 1 <= stage.max_seq_len <= self.seq:
                 raise ConfigError(f"schedule.stages: max_seq_len {stage.max_seq_len} must be "
@@ -404,7 +457,12 @@ class RankLogger:
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every generator the run draws from, as plain data and CPU byte tensors (a checkpoint
+    keeps it as JSON and tensors)."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), position, has_gauss, cached],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -412,9 +470,11 @@ def rng_state():
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    # RNG states are CPU byte tensors; a checkpoint read with map_location="cuda" moved them
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    # RNG states are CPU byte tensors; a checkpoint read onto the GPU moved them
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -450,7 +510,8 @@ class TrainingManager:
         self.compiled = (torch.compile(self.model, dynamic=False, fullgraph=True)
                          if config.compile.enabled else self.model)
         dc, seq, micro = config.data, self.tc.max_seq_len, self.tc.micro_batch_tokens
-        ranks = dict(rank=self.world.rank, world_size=self.world.world_size)
+        ranks = dict(rank=self.world.rank, world_size=self.world.world_size,
+                     vocab_size=config.model.vocab_size)
         self.train_loader = DataLoader(repo_path(dc.train_pattern), micro, seq,
                                        device=torch_device, prefetch=dc.prefetch, **ranks)
         self.val_pieces, self.val_tokens = validation_pieces(
@@ -572,7 +633,16 @@ class TrainingManager:
         synchronize(self.device)
         return time.perf_counter() - start
 
-    # -- checkpoints --------------------------------------------------------------------------
+    # -- checkpoints and the trained model ------------------------------------------------------
+
+    @property
+    def file_prefix(self):
+        """This run's file names start with the run name and its id's first 8 characters."""
+        return f"{self.tc.run_name}_{self.run_id[:8]}" if self.run_id else self.tc.run_name
+
+    @property
+    def checkpoint_dir(self):
+        return Path(repo_path(self.tc.checkpoint_dir))
 
     def checkpoint_state(self):
         # Gradients still waiting for Adam (schedule.adam_every) are part of the state: the
@@ -587,25 +657,32 @@ class TrainingManager:
                 "config": self.config.raw}
 
     def save_checkpoint(self, path):
-        """Write atomically: a crash mid-write leaves the previous checkpoint intact.
+        """Write the training state at ``path`` (checkpoints.write: safetensors and JSON,
+        atomic).
 
         Every rank calls it (the optimizer state is gathered from all); rank 0 writes the one
         file. The loader's state is a position in the stream all ranks share, so rank 0's
         resumes every rank, on any world size.
         """
-        path = Path(path)
         state = self.checkpoint_state()
         if self.world.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            checkpoints.write(path, "checkpoint", state)
+        return Path(path)
+
+    def write_checkpoint(self):
+        """The run's next checkpoint, by step, keeping the newest ``keep_checkpoints``."""
+        path = self.save_checkpoint(
+            checkpoints.checkpoint_path(self.checkpoint_dir, self.file_prefix, self.step))
+        if self.world.is_main:
+            for old in checkpoints.prune(self.checkpoint_dir, self.file_prefix,
+                                         self.tc.keep_checkpoints):
+                self.logger.print(f"removed {old} (keep_checkpoints={self.tc.keep_checkpoints})")
         return path
 
     def load_checkpoint(self, path, state=None):
         """Resume from the checkpoint at ``path`` (``state``: its contents, if already read)."""
         if state is None:
-            state = read_checkpoint(path, self.model.lm_head.device)
+            _, state = checkpoints.read(path, self.model.lm_head.device, kind="checkpoint")
         saved = model_config(state["config"]["model_config"])
         if saved != self.config.model:
             raise ConfigError(f"checkpoint {path} was written for a different model_config")
@@ -621,58 +698,89 @@ class TrainingManager:
         self.train_loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step, self.train_time = state["step"], state["train_time"]
-        self.run_id = state.get("run_id", self.run_id)
-        self.history = state["history"]
+        self.run_id = state["run_id"]
+        self.history = [tuple(entry) for entry in state["history"]]
 
-    def checkpoint_path(self):
-        name = f"{self.tc.run_name}_step{self.step:06d}.pt"
-        return Path(repo_path(self.tc.checkpoint_dir)) / name
+    def save_model(self, val_loss):
+        """The trained weights and the run's config, for sample.py and evaluate.py
+        (checkpoints.load_model); rank 0 writes them. Returns the path."""
+        path = checkpoints.model_path(self.checkpoint_dir, self.file_prefix)
+        if self.world.is_main:
+            checkpoints.write(path, "model", {
+                "model": self.model.state_dict(), "config": self.config.raw,
+                "run_id": self.run_id, "step": self.step, "val_loss": val_loss})
+        return path
 
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self):
-        """Train until the schedule ends or early_stop_steps; returns the result dict."""
+        """Train until the schedule ends or early_stop_steps; returns the result dict.
+
+        With one process, SIGINT and SIGTERM take effect when the step in progress ends: the
+        run writes a checkpoint (``save_on_interrupt``) and raises ``Interrupted``; signals that
+        come meanwhile change nothing, so the save survives the second SIGINT that ``uv run``
+        forwards. After the last step the run finishes (final validation, the model) first.
+        """
         log = self.logger.print
         stop = self.schedule.total
         if self.tc.early_stop_steps is not None:
             stop = min(stop, self.tc.early_stop_steps)
         every = self.tc.val_loss_every
+        if self.world.is_main:
+            for partial in checkpoints.remove_partials(self.checkpoint_dir, self.file_prefix):
+                log(f"removed {partial}: a partial checkpoint that an interrupted write left")
         synchronize(self.device)
         started = time.perf_counter()
-        try:
-            while self.step < stop:
-                step_start = time.perf_counter()
-                loss = self.train_step().item()
-                synchronize(self.device)
-                step_time = time.perf_counter() - step_start
-                self.train_time += step_time
-                if not math.isfinite(loss):
-                    raise TrainingError(f"loss is {loss} at step {self.step}: training stopped "
-                                        f"(log kept at {self.logger.path})")
-                self.log_step(loss, step_time)
-                if self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0:
-                    log(f"checkpoint written: {self.save_checkpoint(self.checkpoint_path())}")
-                if every and self.step % every == 0 and self.step < stop:
-                    self.log_validation(self.validate())
-        except KeyboardInterrupt:
-            if self.world.distributed:
-                # Ranks are interrupted at different points: a collective now could hang.
-                log(f"interrupted after step {self.step}; with several processes no checkpoint "
-                    "is written on interrupt (use --checkpoint_every)")
-            elif self.tc.save_on_interrupt:
-                path = self.save_checkpoint(self.checkpoint_path())
-                log(f"interrupted after step {self.step}; checkpoint saved to {path}; "
-                    f"continue with --resume {path}")
-            else:
-                log(f"interrupted after step {self.step} (save_on_interrupt is off)")
-            raise
-        self.model.yarn.set_windows(self.schedule.validation_windows, yarn=False)
-        val_loss = self.validate()
-        self.log_validation(val_loss)
+        with Signals(enabled=not self.world.distributed) as signals:
+            try:
+                while self.step < stop and signals.received is None:
+                    step_start = time.perf_counter()
+                    loss = self.train_step().item()
+                    synchronize(self.device)
+                    step_time = time.perf_counter() - step_start
+                    self.train_time += step_time
+                    if not math.isfinite(loss):
+                        raise TrainingError(f"loss is {loss} at step {self.step}: training "
+                                            f"stopped (log kept at {self.logger.path})")
+                    self.log_step(loss, step_time)
+                    if self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0:
+                        log(f"checkpoint written: {self.write_checkpoint()}")
+                    if (every and self.step % every == 0 and self.step < stop
+                            and signals.received is None):
+                        self.log_validation(self.validate())
+            except KeyboardInterrupt:
+                if self.world.distributed:  # no handler defers signals there: ranks stop at
+                    # different points, and a collective to save the state could hang
+                    log(f"interrupted after step {self.step}; with several processes no "
+                        "checkpoint is written on interrupt (use --checkpoint_every)")
+                raise
+            if signals.received is not None:
+                self.stop_on_signal(signals.received)
+            self.model.yarn.set_windows(self.schedule.validation_windows, yarn=False)
+            val_loss = self.validate()
+            self.log_validation(val_loss)
+            early_stopped = self.step < self.schedule.total
+            model = None
+            if self.tc.save_model and not early_stopped:
+                model = self.save_model(val_loss)
+                log(f"model written: {model} (sample.py and evaluate.py take it)")
         wall = time.perf_counter() - started
         return {"val_loss": val_loss, "train_time": self.train_time, "steps": self.step,
                 "tokens": sum(self.schedule.at(s).tokens for s in range(self.step)),
-                "wall_time": wall, "early_stopped": self.step < self.schedule.total}
+                "wall_time": wall, "early_stopped": early_stopped,
+                "model": None if model is None else str(model),
+                "history": [list(entry) for entry in self.history]}
+
+    def stop_on_signal(self, signum):
+        name = signal.Signals(signum).name
+        if self.tc.save_on_interrupt:
+            path = self.write_checkpoint()
+            self.logger.print(f"{name} after step {self.step}: checkpoint saved to {path}; "
+                              f"continue with --resume {path}")
+        else:
+            self.logger.print(f"{name} after step {self.step}: stopped (save_on_interrupt is "
+                              "off)")
+        raise Interrupted(signum)
 
     def log_step(self, loss, step_time):
         plan = self.schedule.at(self.step - 1)
@@ -721,8 +829,10 @@ def validation_context(model_config, schedule: Schedule) -> int:
     return -(-model_config.receptive_field(largest) // block) * block
 
 
-def read_checkpoint(path, device):
-    return torch.load(path, map_location=device, weights_only=False)
+def validation_fits(chunk_tokens: int, micro_batch_tokens: int, context_tokens: int) -> bool:
+    """Whether a validation chunk goes to the model in micro-batches: whole, or in pieces each
+    behind its context and still scoring some tokens."""
+    return chunk_tokens <= micro_batch_tokens or context_tokens < micro_batch_tokens
 
 
 def synchronize(device):

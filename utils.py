@@ -8,6 +8,8 @@ cache folders), so run.py calls it before the first CUDA tensor or compile;
 """
 
 import os
+import types
+import typing
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
@@ -33,7 +35,8 @@ def frozen(value):
 
 def build_section(cls, name: str, values):
     """``cls(**values)`` for the config section ``name``: every field without a default must
-    be given and no other key may be; the dataclass checks its values in ``__post_init__``."""
+    be given and no other key may be, each of the type its annotation declares (ints widen to
+    floats); the dataclass checks the ranges of its values in ``__post_init__``."""
     if not isinstance(values, dict):
         raise ConfigError(f"{name} must be a dict, got {type(values).__name__}")
     known = fields(cls)
@@ -42,7 +45,44 @@ def build_section(cls, name: str, values):
     missing = sorted(required - set(values))
     if unknown or missing:
         raise ConfigError(f"{name}: unknown keys {unknown}, missing keys {missing}")
-    return cls(**{key: frozen(value) for key, value in values.items()})
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _typed(f"{name}.{key}", frozen(value), hints[key])
+                  for key, value in values.items()})
+
+
+def _typed(path, value, annotation):
+    """``value`` if it is of the annotated type (an int given for a float becomes a float);
+    otherwise a ConfigError that names the key, what it expects and what it got."""
+    options = (typing.get_args(annotation)
+               if isinstance(annotation, types.UnionType) else (annotation,))
+    for option in options:
+        if option is type(None) and value is None:
+            return value
+        if option is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if option in (int, float) and isinstance(value, bool):
+            continue  # True is an int to Python, never a count or a rate here
+        if isinstance(option, type) and option is not type(None) and isinstance(value, option):
+            return value
+    expected = " or ".join("None" if o is type(None) else getattr(o, "__name__", str(o))
+                           for o in options)
+    raise ConfigError(f"config key '{path}' expects {expected}, got "
+                      f"{type(value).__name__} {value!r}")
+
+
+def check_ranges(section: str, config, positive=(), non_negative=(), fractions=(),
+                 below_one=()):
+    """Raise a ConfigError naming every key of ``config`` out of its range: ``positive``
+    keys > 0, ``non_negative`` >= 0, ``fractions`` in [0, 1], ``below_one`` in [0, 1).
+    A key whose value is None (optional and unset) is not checked."""
+    rules = [(positive, "> 0", lambda v: v > 0), (non_negative, ">= 0", lambda v: v >= 0),
+             (fractions, "in [0, 1]", lambda v: 0 <= v <= 1),
+             (below_one, "in [0, 1)", lambda v: 0 <= v < 1)]
+    problems = [f"{key} must be {text}, got {getattr(config, key)!r}"
+                for keys, text, ok in rules for key in keys
+                if getattr(config, key) is not None and not ok(getattr(config, key))]
+    if problems:
+        raise ConfigError(f"{section}: " + "; ".join(problems))
 
 
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) for MFU. Names as torch reports them;
@@ -114,9 +154,9 @@ def detect_device(kind, index=0):
     if kind == "cpu":
         return DeviceInfo("cpu", "cpu", "cpu", (0, 0), 0, None)
     if not torch.cuda.is_available():
-        raise ConfigError("this config needs a CUDA GPU and none was found. On a machine "
-                          "without one, use --config config/cpu.py (a tiny model sized for the "
-                          "CPU) or add --device cpu")
+        raise ConfigError("the run asks for a CUDA GPU (training_config.device 'cuda') and "
+                          "none was found: add --device cpu to run this config on the CPU, or "
+                          "use --config config/cpu.py, a tiny model sized for it")
     count = torch.cuda.device_count()
     if index >= count:
         raise ConfigError(f"process {index} of this node needs GPU {index}, but only {count} "

@@ -83,8 +83,10 @@ training_config = dict(
     early_stop_steps=None,  # --early_stop_steps N stops after N steps, the schedule unchanged
     grad_clip_norm=0.0,  # 0: off
     checkpoint_every=0,  # 0: off
-    checkpoint_dir="checkpoints",
-    save_on_interrupt=True,  # Ctrl-C writes a checkpoint and says where
+    keep_checkpoints=2,  # the newest 2 of a run's checkpoints stay (0: all)
+    checkpoint_dir="checkpoints",  # checkpoints and the final model (safetensors)
+    save_on_interrupt=True,  # Ctrl-C or SIGTERM writes a checkpoint after the step and says where
+    save_model=True,  # the trained model at the end of every full run
     records_dir="records",
     benchmark_steps=20,  # timed steps per stage in --benchmark mode
 )

@@ -35,7 +35,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data.shards import BOS_ID, read_shard
+from data.shards import BOS_ID, VOCAB_SIZE, ShardError, read_shard
+from utils import check_ranges
 
 DEFAULT_LOOKAHEAD = 64
 DEFAULT_PREFETCH_DEPTH = 4
@@ -49,6 +50,9 @@ class DataConfig:
     val_pattern: str
     num_train_shards: int  # FineWeb train shards downloaded on first use of the default path
     prefetch: bool  # prepare batches in a background thread
+
+    def __post_init__(self):
+        check_ranges("data_config", self, positive=("num_train_shards",))
 
 
 def find_shards(pattern: str) -> list[Path]:
@@ -170,6 +174,7 @@ class BatchStream:
         rank: int = 0,
         world_size: int = 1,
         lookahead: int = DEFAULT_LOOKAHEAD,
+        vocab_size: int = VOCAB_SIZE,
     ):
         if not files:
             raise ValueError("BatchStream needs at least one shard file")
@@ -187,6 +192,7 @@ class BatchStream:
         self.rank = rank
         self.world_size = world_size
         self.lookahead = lookahead
+        self.vocab_size = vocab_size  # every id of a shard is checked below it when read
         self.epoch = 0
         self.shard = 0
         # The shard is read on first use (in the preloader's thread when there is one), and a
@@ -216,8 +222,12 @@ class BatchStream:
             if finder.exhausted:
                 idle_shards += 1
                 if idle_shards > len(self.files):
-                    raise ValueError(f"no document start (BOS {BOS_ID}) in any of the shards "
-                                     f"{[str(f) for f in self.files]}")
+                    others = len(self.files) - 1
+                    raise ShardError(self.files[self.shard],
+                                     f"no document start (BOS {BOS_ID}) in it or in the "
+                                     f"{others} other shard{'s' * (others != 1)} of the "
+                                     "pattern: every document must begin with <|endoftext|> "
+                                     "(data/prepare_corpus.py writes shards so)")
                 self._advance_shard()
                 continue
             idle_shards = 0
@@ -232,7 +242,8 @@ class BatchStream:
     def _current_finder(self) -> BOSFinder:
         if self._finder is None:
             self._finder = BOSFinder(
-                read_shard(self.files[self.shard]), self.max_seq_len, self.lookahead
+                read_shard(self.files[self.shard], self.vocab_size), self.max_seq_len,
+                self.lookahead
             )
             if self._pending_position is not None:
                 self._finder.load_state_dict(self._pending_position)
@@ -403,11 +414,12 @@ class DataLoader:
         prefetch: bool = True,
         lookahead: int = DEFAULT_LOOKAHEAD,
         prefetch_depth: int = DEFAULT_PREFETCH_DEPTH,
+        vocab_size: int = VOCAB_SIZE,
     ):
         self.files = find_shards(pattern)
         self.device = torch.device(device)
         self._stream = BatchStream(
-            self.files, micro_batch_tokens, max_seq_len, rank, world_size, lookahead
+            self.files, micro_batch_tokens, max_seq_len, rank, world_size, lookahead, vocab_size
         )
         self._preloader = (
             DataPreloader(self._stream, self.device, prefetch_depth) if prefetch else None
@@ -466,6 +478,7 @@ def validation_pieces(
     device="cpu",
     rank: int = 0,
     world_size: int = 1,
+    vocab_size: int = VOCAB_SIZE,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
     """The speedrun's validation set, as micro-batches the model takes; and its token count.
 
@@ -477,11 +490,11 @@ def validation_pieces(
     which are fed but not scored (target -1): with context at least the model's receptive
     field, every scored token sees exactly what it would in one pass over the chunk. A last
     piece is filled up with BOS, not scored either. When the shards hold fewer tokens, the
-    whole chunks they hold are used.
+    whole chunks they hold are used. Every id is checked below ``vocab_size``.
     """
     stream, need = [], val_tokens + 1  # +1: the last token's target
     for path in find_shards(pattern):
-        tokens = read_shard(path)
+        tokens = read_shard(path, vocab_size)
         stream.append(tokens[:need - sum(map(len, stream))])
         if sum(map(len, stream)) >= need:
             break

@@ -16,6 +16,7 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 BOS_ID = 50256  # GPT-2 <|endoftext|>, put in front of every document
+VOCAB_SIZE = 50257  # GPT-2's ids are 0 .. 50256
 TOKEN_DTYPE = np.dtype("<u2")
 HEADER_DTYPE = np.dtype("<i4")
 MAX_TOKENS = 2**31 - 1  # the count is an int32 in the header
@@ -83,14 +84,21 @@ def read_shard_header(path: str | os.PathLike) -> int:
     return num_tokens
 
 
-def read_shard(path: str | os.PathLike) -> np.ndarray:
+def read_shard(path: str | os.PathLike, vocab_size: int = VOCAB_SIZE) -> np.ndarray:
     """Read a whole shard into memory after validating it; return its tokens as uint16.
 
-    Reading eagerly (not memory-mapping) lets a background loader thread pay the disk cost, so
-    the training loop never stalls on page faults.
+    Every id must be below ``vocab_size``: a larger one would fail deep inside the embedding
+    lookup, and one between GPT-2's 50257 and the padded table's 50304 would train silently on
+    an untrained row. Reading eagerly (not memory-mapping) lets a background loader thread pay
+    the disk cost, so the training loop never stalls on page faults.
     """
     num_tokens = read_shard_header(path)
     tokens = np.fromfile(path, dtype=TOKEN_DTYPE, count=num_tokens, offset=HEADER_BYTES)
     if tokens.size != num_tokens:  # the file shrank between the size check and the read
         raise ShardError(path, f"read {tokens.size} tokens, header claims {num_tokens}")
+    if tokens.max() >= vocab_size:
+        bad = np.flatnonzero(tokens >= vocab_size)
+        raise ShardError(path, f"{bad.size} token ids are >= the vocabulary size {vocab_size} "
+                               f"(the first: {tokens[bad[0]]} at position {bad[0]}): the shard "
+                               "was written with another tokenizer, or is corrupt")
     return tokens

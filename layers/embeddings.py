@@ -40,12 +40,18 @@ class SmearGate(nn.Module):
                                wd_mul=gate_wd_mul)
         self.strength = make_param(torch.zeros(1), "scalar", wd_mul=0.0)
 
-    def forward(self, x: Tensor, inputs: Tensor) -> Tensor:
-        gate = torch.sigmoid(gate_input(x[:, 1:]) @ self.gate.type_as(x))
+    def forward(self, x: Tensor, inputs: Tensor, previous: Tensor | None = None) -> Tensor:
+        """``previous``: the embedding of the token before ``inputs`` when decoding goes on
+        from earlier tokens; None at the start of a sequence, whose first token takes nothing."""
+        if previous is None:
+            return torch.cat([x[:, :1], self._smear(x[:, 1:], inputs[1:], x[:, :-1])], dim=1)
+        return self._smear(x, inputs, torch.cat([previous, x[:, :-1]], dim=1))
+
+    def _smear(self, x: Tensor, inputs: Tensor, before: Tensor) -> Tensor:
+        gate = torch.sigmoid(gate_input(x) @ self.gate.type_as(x))
         if not self.across_documents:
-            gate = gate * (inputs[1:] != BOS_ID)
-        smear = self.strength.type_as(x) * gate[..., None] * x[:, :-1]
-        return torch.cat([x[:, :1], x[:, 1:] + smear], dim=1)
+            gate = gate * (inputs != BOS_ID)
+        return x + self.strength.type_as(x) * gate[..., None] * before
 
 
 class EmbeddingTie:

@@ -26,14 +26,32 @@ def dense_attention_mask(docs: Tensor, window, block_size: int, token_window=Fal
     """The (R, R) boolean mask of the rule above over R = T * rows_per_token rows (2 for the
     doubled sequence of paired heads: row r belongs to token r // 2), for
     scaled_dot_product_attention."""
-    t = torch.arange(docs.numel() * rows_per_token, device=docs.device)
-    q, k = t[:, None], t[None, :]
+    return attention_rows(docs, docs.numel() * rows_per_token, window, block_size,
+                          token_window, rows_per_token)
+
+
+def attention_rows(docs: Tensor, queries: int, window, block_size: int, token_window=False,
+                   rows_per_token=1) -> Tensor:
+    """The rule for the last ``queries`` rows against the keys their windows reach: a
+    (queries, width) boolean mask over the last ``width`` rows. All rows give the (R, R) mask;
+    the few of a decoding step give rows no wider than the window plus the step's own,
+    however long the sequence grows."""
+    rows = docs.numel() * rows_per_token
+    first = rows - queries
+    if first == 0:
+        start = 0
+    elif token_window:
+        start = max(0, first - window)
+    else:
+        start = max(0, (first // block_size - window + 1) * block_size)
+    q = torch.arange(first, rows, device=docs.device)[:, None]
+    k = torch.arange(start, rows, device=docs.device)[None, :]
     if token_window:
         in_window = q - k <= window
     else:
         in_window = q // block_size - k // block_size < window
-    row_docs = docs[t // rows_per_token]
-    return (k <= q) & (row_docs[:, None] == row_docs[None, :]) & in_window
+    same_doc = docs[q // rows_per_token] == docs[k // rows_per_token]
+    return (k <= q) & same_doc & in_window
 
 
 def _ordered(mask: Tensor):

@@ -18,6 +18,16 @@ if (SHARED / "tiktoken").is_dir():
 
 
 @pytest.fixture
+def gpt2():
+    """tiktoken's GPT-2 encoding; skipped offline without the shared tokenizer files."""
+    tiktoken = pytest.importorskip("tiktoken")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as exc:
+        pytest.skip(f"tiktoken gpt2 encoding unavailable: {exc}")
+
+
+@pytest.fixture
 def tiny_model_config():
     """Record #89's 11-layer model with every piece, at width 32, for CPU tests."""
     return tiny_gpt_config()

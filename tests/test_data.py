@@ -19,6 +19,7 @@ from data.shards import (
     HEADER_INTS,
     MAGIC,
     VERSION,
+    VOCAB_SIZE,
     ShardError,
     read_shard,
     write_shard,
@@ -26,7 +27,6 @@ from data.shards import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
-TIKTOKEN_DIR = SHARED / "tiktoken"
 PROXY_CORPUS = SHARED / "corpus"
 
 T = 256  # micro-batch tokens in the loader tests
@@ -77,9 +77,22 @@ def test_shard_round_trip(tmp_path):
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     assert list(header[:3]) == [MAGIC, VERSION, tokens.size] and not header[3:].any()
     assert path.stat().st_size == HEADER_BYTES + 2 * tokens.size
-    back = read_shard(path)
+    back = read_shard(path, vocab_size=65536)  # the format holds any uint16
     assert back.dtype == np.uint16 and np.array_equal(back, tokens)
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("bad", [VOCAB_SIZE, 50303, 65535])
+def test_read_shard_rejects_ids_outside_the_vocabulary(tmp_path, bad):
+    tokens = np.full(1000, 42)
+    tokens[[0, 600]] = BOS_ID  # the largest valid id
+    tokens[[17, 901]] = bad
+    path = write_shard(tmp_path / "ids.bin", tokens)
+    with pytest.raises(ShardError, match=f"2 token ids are >= the vocabulary size {VOCAB_SIZE} "
+                                         f"\\(the first: {bad} at position 17\\)"):
+        read_shard(path)
+    tokens[[17, 901]] = BOS_ID - 1
+    assert np.array_equal(read_shard(write_shard(path, tokens)), tokens)
 
 
 @pytest.mark.parametrize("tokens", [[], [1, 65536], [-1, 3], [0.5, 1.0]])
@@ -253,8 +266,10 @@ def test_stream_rejects_bad_arguments_and_bos_free_data(tmp_path):
         BatchStream([tmp_path / "plain.bin"], micro_batch_tokens=8, max_seq_len=16)
     with pytest.raises(ValueError, match="rank < world_size"):
         BatchStream([tmp_path / "plain.bin"], 8, 8, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="no document start"):
-        BatchStream([tmp_path / "plain.bin"], 8, 8).next_batch()
+    write_shard(tmp_path / "plain2.bin", np.arange(1, 50))
+    with pytest.raises(ShardError, match="plain.bin: no document start .BOS 50256. in it or in "
+                                         "the 1 other shard of the pattern"):
+        BatchStream([tmp_path / "plain.bin", tmp_path / "plain2.bin"], 8, 8).next_batch()
 
 
 def test_resume_gives_identical_batches(tmp_path, train_shards):
@@ -485,17 +500,6 @@ def test_download_defaults_and_script_mode():
 
 
 # ----------------------------------------------------------------------------- prepare_corpus
-
-
-@pytest.fixture
-def gpt2(monkeypatch):
-    tiktoken = pytest.importorskip("tiktoken")
-    if TIKTOKEN_DIR.is_dir():
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_DIR))
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as exc:  # offline without the shared tokenizer files
-        pytest.skip(f"tiktoken gpt2 encoding unavailable: {exc}")
 
 
 def corpus_docs(count: int) -> list[str]:

@@ -267,12 +267,14 @@ def test_torchrun_run_is_the_one_process_run(torchrun_run, tmp_path):
 
 def test_torchrun_checkpoint_resumes_in_one_process(torchrun_run):
     config, folder, _, _ = torchrun_run
+    (log,) = (folder / "logs").iterdir()
     assert sorted(p.name for p in (folder / "ckpt").iterdir()) == [
-        "cpu_step000003.pt", "cpu_step000006.pt"]
+        f"cpu_{log.stem[:8]}_{name}.safetensors" for name in ("model", "step000003",
+                                                               "step000006")]
     uninterrupted = manager(config)
     expected = [uninterrupted.train_step().item() for _ in range(7)]
     resumed = manager(config)
-    resumed.load_checkpoint(folder / "ckpt" / "cpu_step000003.pt")
+    resumed.load_checkpoint(folder / "ckpt" / f"cpu_{log.stem[:8]}_step000003.safetensors")
     assert resumed.step == 3
     assert [resumed.train_step().item() for _ in range(4)] == pytest.approx(expected[3:],
                                                                            rel=1e-5)

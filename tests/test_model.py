@@ -2,6 +2,7 @@
 the gate layout, one compiled graph, labels, dtypes, FLOPs. Its parity with the record's own
 code is tests/test_parity_model.py."""
 
+import math
 import re
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import optimizers
 import run
 from data.loader import validation_pieces
 from data.shards import BOS_ID, write_shard
+from layers.mlp import ACTIVATIONS
 from utils import ConfigError
 
 BOS = BOS_ID
@@ -50,6 +52,47 @@ def test_causality(tiny_model_config):
         changed[t + 1:] = tokens(96 - t - 1, seed=t)
         torch.testing.assert_close(gpt(changed)[:t + 1], logits[:t + 1], atol=1e-5, rtol=0)
         assert not torch.allclose(gpt(changed)[t + 1:], logits[t + 1:])
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_decoding_equals_the_full_forward_pass(tiny_model_config, untied):
+    # Past token 204 (the receptive field at windows of 1 and 2 blocks) the state drops tokens
+    # no new one depends on; documents start at 37 and 250, where the smear gate, the bigram
+    # hash and attention must stop.
+    gpt = make_model(tiny_model_config, 1, 2)
+    if untied:
+        gpt.tie.tied = False
+        with torch.no_grad():
+            gpt.embed.add_(torch.randn_like(gpt.embed) * 0.05)
+    x = tokens(320, doc_starts=(0, 37, 250))
+    with torch.no_grad():
+        full = gpt(x)
+    state = gpt.start_decoding()
+    pieces = [gpt.decode(x[:10], state)]  # a prompt, then token by token, then a few at once
+    pieces += [gpt.decode(x[t:t + 1], state) for t in range(10, 300)]
+    pieces.append(gpt.decode(x[300:], state))
+    torch.testing.assert_close(torch.cat(pieces), full[:, :gpt.config.vocab_size], atol=2e-5,
+                               rtol=1e-5)
+    assert state.tokens.numel() <= 204 + 2 * 16 - 1 + 20  # reach, two blocks, the last 20
+
+
+def test_a_decoding_step_reads_only_the_receptive_field(tiny_model_config, monkeypatch):
+    gpt = make_model(tiny_model_config, 1, 2)
+    reach = gpt.config.receptive_field((1, 2))
+    lengths = []
+    hidden_states = gpt.hidden_states
+
+    def counting(inputs, docs):
+        lengths.append(inputs.numel())
+        return hidden_states(inputs, docs)
+
+    state = gpt.start_decoding()
+    gpt.decode(tokens(40), state)
+    monkeypatch.setattr(gpt, "hidden_states", counting)
+    for t in range(400):
+        gpt.decode(tokens(1, seed=t), state)
+    # the reach and the new token, in whole blocks of 16, whatever the length
+    assert max(lengths) == -(-(reach + 1 + 15) // 16) * 16
 
 
 def test_document_isolation(tiny_model_config):
@@ -136,6 +179,39 @@ def test_every_parameter_has_a_known_group(tiny_model_config):
         assert isinstance(p.lr_mul, float) and isinstance(p.wd_mul, float)
         if p.label in ("attn", "mlp"):
             assert p.ndim >= 2, name
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_activations(tiny_model_config, activation):
+    # each activation against its formula, written out with math's erf and exp, through the
+    # MLP that uses it: up projection, activation, down projection
+    def gelu(v):
+        return 0.5 * v * (1 + math.erf(v / math.sqrt(2)))
+
+    def silu(v):
+        return v / (1 + math.exp(-v))
+
+    single = {"relu2": lambda v: max(v, 0.0) ** 2, "gelu": gelu, "silu": silu}
+    gated = {"swiglu": silu, "geglu": gelu}
+    mlp = make_model(dict(tiny_model_config, activation=activation)).blocks[0].mlp
+    x = torch.randn(1, 5, tiny_model_config["model_dim"],
+                    generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        pre = (x @ mlp.fc.T)[0].tolist()
+        if activation in single:
+            hidden = [[single[activation](v) for v in row] for row in pre]
+        else:  # interleaved pairs: act(even) * odd
+            hidden = [[gated[activation](a) * b for a, b in zip(row[0::2], row[1::2], strict=True)]
+                      for row in pre]
+        expected = torch.tensor(hidden) @ mlp.proj.T
+        torch.testing.assert_close(mlp(x)[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_tanh_softcap(tiny_model_config):
+    gpt = make_gpt(dict(tiny_model_config, softcap_form="tanh", logit_softcap=15.0))
+    z = torch.tensor([-1000.0, 0.0, 1000.0])
+    torch.testing.assert_close(kernels.softcap(z, *gpt.softcap_args),
+                               torch.tensor([-15.0, 0.0, 15.0]))
 
 
 def test_bad_config_is_named(tiny_model_config):

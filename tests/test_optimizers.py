@@ -291,6 +291,36 @@ def test_normuon_variance_normalisation(shape):
     assert second.abs().sum() > 0
 
 
+def test_normuon_second_moment_is_an_ema_with_beta2():
+    M = torch.randn(2, 12, 6, generator=torch.Generator().manual_seed(1))
+    before = torch.rand(2, 12, 1, generator=torch.Generator().manual_seed(2)) + 0.5
+    second = before.clone()
+    U = normuon_direction(M, second, beta2=0.9)
+    ortho = polar_express(M).float()
+    mean_sq = ortho.square().mean(dim=-1, keepdim=True)
+    torch.testing.assert_close(second, 0.9 * before + 0.1 * mean_sq)
+    scaled = ortho / second.sqrt()  # each neuron by its own RMS, then the norm restored
+    expected = scaled * (ortho.norm(dim=(-2, -1), keepdim=True)
+                         / scaled.norm(dim=(-2, -1), keepdim=True))
+    torch.testing.assert_close(U, expected)
+
+
+def test_normuon_takes_beta2_from_the_config():
+    # One step from zero state with the same gradient: the second moment is (1 - beta2) times
+    # the same mean square, so two betas give a ratio of (1 - 0.5) / (1 - 0.9) = 5.
+    w0 = torch.randn(3, 12, 8, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(w0.shape, generator=torch.Generator().manual_seed(1))
+    seconds = []
+    for beta2 in (0.5, 0.9):
+        w = labelled(w0.clone(), "attn")
+        opt = build_optimizer([("w", w)], make_config("normuon", beta2=beta2))
+        w.grad = grad.clone()
+        opt.step()
+        (entry,) = opt.state_dict()["params"]
+        seconds.append(entry["state"]["second_moment"])
+    torch.testing.assert_close(seconds[0], 5 * seconds[1])
+
+
 # -----------------------------------------------------------------------------------------
 # The split and the config
 

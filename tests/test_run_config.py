@@ -1,5 +1,6 @@
 """Config loading, command-line and environment overrides, and their errors (run.py)."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -90,16 +91,26 @@ def test_override_paths(config_path, key, text, path, value):
     assert node == value and type(node) is type(value)
 
 
-def test_override_of_none_takes_any_type(config_path):
-    config = run.load_config(config_path)
+def test_override_of_none_is_typed_by_the_field():
+    # None gives no type to keep: the field's annotation (int | None) does, in build_config
+    config = run.load_config(REPO_ROOT / "config" / "cpu.py")
     run.apply_override(config, "early_stop_steps", "5")
-    assert config["training_config"]["early_stop_steps"] == 5
+    assert run.build_config(config).training.early_stop_steps == 5
+    config = run.load_config(REPO_ROOT / "config" / "cpu.py")
+    run.apply_override(config, "early_stop_steps", "abc")
+    with pytest.raises(ConfigError, match="'training_config.early_stop_steps' expects int or "
+                                          "None, got str 'abc'"):
+        run.build_config(config)
 
 
 @pytest.mark.parametrize("key,text,message", [
     ("num_layer", "3", r"unknown config key 'num_layer'; did you mean: num_layers"),
     ("model_config.num_layer", "3", r"did you mean: model_config.num_layers"),
-    ("lr", "3", r"ambiguous config key 'lr'.*logging_config.lr.*training_config.lr"),
+    ("lr", "3", r"ambiguous config key 'lr': it exists in 4 places; use one of: "
+                r"logging_config.lr, optimizer_config.adam.lr, optimizer_config.normuon.lr, "
+                r"training_config.lr$"),
+    ("adam.lr", "0.5", None),
+    ("normuon.lr", "x", r"'optimizer_config.normuon.lr' expects float"),
     ("num_layers", "4.5", r"'model_config.num_layers' expects int.*got float"),
     ("num_layers", "many", r"expects int.*got str"),
     ("seed", "True", r"expects int.*got bool"),
@@ -107,8 +118,50 @@ def test_override_of_none_takes_any_type(config_path):
 ])
 def test_override_errors(config_path, key, text, message):
     config = run.load_config(config_path)
+    if message is None:  # a path's unique tail resolves
+        assert run.apply_override(config, key, text) == "optimizer_config.adam.lr"
+        return
     with pytest.raises(ConfigError, match=message):
         run.apply_override(config, key, text)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch_size_multiple", "0"], "training_config: batch_size_multiple must be > 0, got 0"),
+    (["--max_seq_len", "0"], "training_config: max_seq_len must be > 0, got 0"),
+    (["--max_seq_len", "-64"], "max_seq_len must be > 0, got -64"),
+    (["--checkpoint_every", "-1"], "checkpoint_every must be >= 0, got -1"),
+    (["--early_stop_steps", "abc"], "'training_config.early_stop_steps' expects int or None"),
+    (["--early_stop_steps", "0"], "early_stop_steps must be > 0, got 0"),
+    (["--seed", "-3"], "seed must be >= 0, got -3"),
+    (["--val_loss_every", "-5"], "val_loss_every must be >= 0"),
+    (["--lr", "0.1"], "ambiguous config key 'lr': it exists in 5 places; use one of: "
+                      "optimizer_config.adam.lr, optimizer_config.aro.lr, "
+                      "optimizer_config.bam.lr, optimizer_config.normuon.lr, "
+                      "optimizer_config.scalar_adam.lr"),
+    (["--adam.lr", "-0.1"], "optimizer_config.adam: lr must be >= 0, got -0.1"),
+    (["--normuon.beta2", "1.5"], "optimizer_config.normuon: beta2 must be in \\[0, 1\\)"),
+    (["--scalar_adam.betas", "(0.9, 2)"], "scalar_adam.betas must be two numbers in \\[0, 1\\)"),
+    (["--num_scheduled_iterations", "0"], "schedule: num_scheduled_iterations must be > 0"),
+    (["--cooldown_frac", "1.5"], "schedule: cooldown_frac must be in \\[0, 1\\]"),
+    (["--num_layers", "0"], "model_config: num_layers must be > 0, got 0"),
+    (["--num_train_shards", "0"], "data_config: num_train_shards must be > 0"),
+    (["--run_name", "a/b"], "run_name 'a/b' names files"),
+])
+def test_cli_rejects_out_of_range_values_with_exit_2(args, message, capsys):
+    assert run.main(["--config", "config/cpu.py", *args], environ={}) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_help_lists_the_common_keys():
+    text = run.build_parser().format_help()
+    for flag in ("--seed N", "--early_stop_steps N", "--checkpoint_every N"):
+        assert flag in text
+    args, config = run.resolve_config(["--config", "config/cpu.py", "--seed", "7",
+                                       "--checkpoint_every", "3"], {})
+    assert config["training_config"]["seed"] == 7
+    assert config["training_config"]["checkpoint_every"] == 3
 
 
 def test_parse_overrides_forms():

@@ -2,7 +2,6 @@
 
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -16,7 +15,3 @@ def test_ruff_clean():
     result = subprocess.run([ruff, "check", str(REPO_ROOT)], capture_output=True, text=True,
                             cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_python_version_supported():
-    assert sys.version_info >= (3, 11)

@@ -3,6 +3,10 @@ training mode end to end, records and their summary, the benchmark mode."""
 
 import json
 import math
+import os
+import shutil
+import signal
+import statistics
 import subprocess
 import sys
 
@@ -10,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import run
 import train
 import utils
@@ -298,21 +303,122 @@ def test_nan_loss_stops_with_the_step(config, tmp_path):
     assert "step 3/14" in (tmp_path / "log.txt").read_text()
 
 
-def test_interrupt_saves_a_checkpoint(config, tmp_path):
+def signal_after(manager, step, signum, times=2):
+    """Patch ``manager`` to receive ``signum`` ``times`` times (uv run forwards Ctrl-C, so one
+    press arrives twice) as step ``step`` ends."""
+    train_step = manager.train_step
+
+    def signalled():
+        loss = train_step()
+        if manager.step == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return loss
+
+    manager.train_step = signalled
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_then_saves(config, tmp_path, monkeypatch, signum):
     manager = manager_for(config, tmp_path)
-    step = manager.train_step
+    signal_after(manager, 2, signum)
+    write = checkpoints.write
 
-    def interrupted():
-        if manager.step == 2:
-            raise KeyboardInterrupt
-        return step()
+    def write_under_fire(*args, **kwargs):  # one more signal as the file is written
+        os.kill(os.getpid(), signal.SIGINT)
+        return write(*args, **kwargs)
 
-    manager.train_step = interrupted
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(checkpoints, "write", write_under_fire)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(train.Interrupted) as info:
         manager.run()
-    saved = tmp_path / "ckpt" / "cpu_step000002.pt"
-    assert saved.is_file()
-    assert f"--resume {saved}" in (tmp_path / "log.txt").read_text()
+    assert info.value.signum == signum
+    assert signal.getsignal(signal.SIGINT) is handler  # the handlers are put back
+    saved = tmp_path / "ckpt" / "cpu_step000002.safetensors"
+    name = signal.Signals(signum).name
+    assert (f"{name} after step 2: checkpoint saved to {saved}; continue with --resume {saved}"
+            in (tmp_path / "log.txt").read_text())
+    assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]  # no .tmp
+    _, state = checkpoints.read(saved, kind="checkpoint")
+    assert state["step"] == 2 and len(state["history"]) == 0
+
+
+def test_sigterm_exits_143_with_a_checkpoint(config, tmp_path, monkeypatch):
+    step = train.TrainingManager.train_step
+
+    def signalled(manager):
+        loss = step(manager)
+        if manager.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(train.TrainingManager, "train_step", signalled)
+    assert run.run(run.build_config(config), config_path="test") == 143
+    (saved,) = (tmp_path / "ckpt").glob("cpu_*_step000003.safetensors")
+    assert checkpoints.read(saved)[1]["step"] == 3
+    assert not (tmp_path / "records").exists()
+
+
+def test_ctrl_c_under_uv_run_saves_a_checkpoint_and_exits_130(data_dir, tmp_path):
+    # Ctrl-C sends SIGINT to the foreground process group: `uv run` and the trainer; uv, with
+    # no terminal, forwards it to the trainer, which so receives two. The process must write a
+    # complete checkpoint and exit with 130.
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not installed")
+    process = subprocess.Popen(
+        [uv, "run", "--no-sync", "python", "run.py", "--config", "config/cpu.py", "--seed", "1",
+         "--val_tokens", "1024", "--val_loss_every", "0", "--log_dir", str(tmp_path),
+         "--checkpoint_dir", str(tmp_path / "ckpt")],
+        cwd=utils.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "DATA_PATH": str(data_dir)}, start_new_session=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step 2/"):
+            os.killpg(process.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+            break
+    lines += process.stdout.readlines()
+    assert process.wait(timeout=120) == 130, "".join(lines)
+    (saved,) = (tmp_path / "ckpt").iterdir()
+    assert saved.suffix == ".safetensors" and f"continue with --resume {saved}" in "".join(lines)
+    assert checkpoints.read(saved)[1]["step"] >= 2
+
+
+def test_partial_checkpoints_are_removed_and_refused(config, tmp_path, capsys):
+    built = run.build_config(config)
+    manager = manager_for(config, tmp_path)
+    manager.run_id = "0123456789abcdef"
+    losses_of(manager, 1)
+    complete = manager.write_checkpoint()
+    partial = complete.with_name(complete.name + ".tmp")
+    partial.write_bytes(complete.read_bytes()[:1000])  # what a killed write leaves
+    assert run.run(built, resume=partial) == 2
+    err = capsys.readouterr().err
+    assert f"{partial} is a partial file left by an interrupted write" in err
+    assert f"complete ones in {complete.parent}: {complete.name}" in err
+    config["training_config"]["early_stop_steps"] = 1
+    manager = manager_for(config, tmp_path)
+    manager.run_id = "0123456789abcdef"
+    manager.run()
+    assert not partial.exists() and complete.exists()
+    assert (f"removed {partial}: a partial checkpoint that an interrupted write left"
+            in (tmp_path / "log.txt").read_text())
+
+
+def test_old_checkpoints_are_pruned_and_the_model_is_kept(config, tmp_path):
+    config["training_config"].update(checkpoint_every=2, keep_checkpoints=2)
+    assert run.run(run.build_config(config), config_path="test") == 0
+    kept = sorted(p.name for p in (tmp_path / "ckpt").glob("*_step*"))
+    assert [name[-22:] for name in kept] == ["_step000012.safetensors"[-22:],
+                                            "_step000014.safetensors"[-22:]]
+    (figures,) = (tmp_path / "records").glob("*/*.json")
+    record = json.loads(figures.read_text())
+    (model_file,) = (tmp_path / "ckpt").glob("*_model.safetensors")
+    assert record["model"] == str(model_file)
+    (log,) = (tmp_path / "logs").glob("*.txt")
+    assert f"model written: {model_file}" in log.read_text()
+    assert log.read_text().count("(keep_checkpoints=2)") == 5
 
 
 # -- end to end, records and their summary -----------------------------------------------------
@@ -340,15 +446,20 @@ def test_resumed_run_continues_its_log_and_record(config, tmp_path):
     assert run.run(run.build_config(config), config_path="test") == 0
     (log,) = (tmp_path / "logs").glob("*.txt")
     tc.update(early_stop_steps=None, checkpoint_every=0)
-    assert run.run(run.build_config(config), resume=tmp_path / "ckpt" / "cpu_step000005.pt") == 0
+    (saved,) = (tmp_path / "ckpt").glob(f"cpu_{log.stem[:8]}_step000005.safetensors")
+    first_part = checkpoints.read(saved)[1]["train_time"]
+    assert run.run(run.build_config(config), resume=saved) == 0
     assert list((tmp_path / "logs").glob("*.txt")) == [log]
     text = log.read_text()
     assert "step 5/14 loss" in text and "resumed from" in text and "step 14/14 loss" in text
     (figures,) = (tmp_path / "records").glob("*/*.json")
     data = json.loads(figures.read_text())
     assert data["run_id"] == log.stem and data["steps"] == 14
-    first_part = float(text.split("step 5/14 loss")[1].split("time ")[1].split("s")[0])
-    assert data["train_time"] > first_part
+    # the second part's steps, as logged (ms, rounded), come on top of the first part's time
+    resumed = text.split("resumed from")[1]
+    second_part = sum(float(line.split(" step ")[1].split("ms")[0]) / 1000
+                      for line in resumed.splitlines() if " loss " in line and "ms " in line)
+    assert data["train_time"] == pytest.approx(first_part + second_part, abs=0.01)
 
 
 def test_unreadable_checkpoint_is_named(config, tmp_path, capsys):
@@ -356,6 +467,52 @@ def test_unreadable_checkpoint_is_named(config, tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert run.run(run.build_config(config), resume=bad) == 2
     assert f"cannot read checkpoint {bad}" in capsys.readouterr().err
+    torch.save({"model": {}}, bad)  # an older version's checkpoint: a pickle is never opened
+    assert run.run(run.build_config(config), resume=bad) == 2
+    assert "looks like a torch.save file" in capsys.readouterr().err
+    model = checkpoints.write(tmp_path / "m.safetensors", "model", {"config": {}})
+    assert run.run(run.build_config(config), resume=model) == 2
+    assert "is a model, not a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["val_id", "train_id", "no_bos"])
+def test_bad_shards_stop_before_training_with_exit_2(config, tmp_path, capsys, problem):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("tiny_train_000000.bin", 20_000), ("tiny_val_000000.bin", 5_000)):
+        tokens = rng.integers(0, 50000, size)
+        tokens[::50] = BOS_ID
+        if problem == "no_bos":
+            tokens[tokens == BOS_ID] = 7
+        elif name.startswith(f"tiny_{problem[:-3]}"):
+            tokens[1234] = 50300  # in the padded table, never a GPT-2 token
+        write_shard(folder / name, tokens)
+    config["data_config"].update(train_pattern=str(folder / "tiny_train_*.bin"),
+                                 val_pattern=str(folder / "tiny_val_*.bin"))
+    assert run.run(run.build_config(config), config_path="test") == 2
+    out = capsys.readouterr().out
+    expected = {"val_id": "tiny_val_000000.bin: 1 token ids are >= the vocabulary size 50257",
+                "train_id": "tiny_train_000000.bin: 1 token ids are >= the vocabulary size",
+                "no_bos": "no document start (BOS 50256)"}[problem]
+    assert f"error: bad token shard {folder}" in out and expected in out
+    assert "step 1/" not in out
+
+
+def test_out_of_memory_names_the_next_micro_batch_that_fits(config, tmp_path, monkeypatch,
+                                                            capsys):
+    def out_of_memory(manager):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.TrainingManager, "run", out_of_memory)
+    # validation chunks of 128 tokens, behind 592 of context, need whole micro-batches of 128
+    assert run.run(run.build_config(config), config_path="test") == 1
+    assert "this is the smallest micro-batch" in capsys.readouterr().out
+    config["training_config"]["val_chunk_tokens"] = 64
+    assert run.run(run.build_config(config), config_path="test") == 1
+    assert ("error: CUDA out of memory with micro-batches of 128 tokens; set "
+            "BATCH_SIZE_MULTIPLE=1 (now 2): the tokens per optimizer step stay the same"
+            in capsys.readouterr().out)
 
 
 def test_early_stopped_run_writes_no_record(config, tmp_path):
@@ -374,24 +531,50 @@ def test_cli_cpu_smoke_run(data_dir, tmp_path):
     assert "step 2/" in result.stdout and "final val_loss" in result.stdout
 
 
+def write_attempts(folder, losses, times=None, target=3.28):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, loss in enumerate(losses):
+        time = 100.0 + i if times is None else times[i]
+        (folder / f"{i}.json").write_text(json.dumps(
+            {"val_loss": loss, "train_time": time, "target_val_loss": target,
+             "run_id": f"run{i}", "seed": i, "steps": 10,
+             "history": [[5, time / 2, loss + 1.0], [10, time, loss]]}))
+    return folder
+
+
 def test_summary_p_value_on_a_known_sample(tmp_path):
     # mean 3.27, sample std 0.01, n = 4: t = -2, df = 3; P(T_3 < -2) = 0.069663 (t table)
     losses = [3.27 - 0.01 * math.sqrt(1.5), 3.27 + 0.01 * math.sqrt(1.5), 3.27, 3.27]
     t, p = summary.one_sided_t_test(losses, 3.28)
     assert t == pytest.approx(-2.0)
     assert p == pytest.approx(0.069663, abs=1e-6)
-    for i, loss in enumerate(losses):
-        (tmp_path / f"{i}.json").write_text(json.dumps(
-            {"val_loss": loss, "train_time": 100.0 + i, "target_val_loss": 3.28}))
-    s = summary.summarize(summary.load_attempts(tmp_path))
-    assert s["attempts"] == 4 and not s["accepted"]
-    assert s["p_value"] == pytest.approx(p)
+    s = summary.summarize(summary.load_attempts([write_attempts(tmp_path / "a", losses)]))
+    assert s["attempts"] == 4 and not s["accepted"] and s["p_value"] == pytest.approx(p)
 
 
-@pytest.mark.parametrize("t,df,p", [(-2.228, 10, 0.025), (-2.821, 9, 0.01), (-31.821, 1, 0.01),
-                                    (0.0, 5, 0.5), (1.0, 3, 0.80450)])
-def test_student_t_cdf_matches_tables(t, df, p):
-    assert summary.student_t_cdf(t, df) == pytest.approx(p, abs=2e-4)
+def test_summary_accepts_a_record_below_the_target(tmp_path):
+    # mean 3.258, std 0.008367, n = 5: t = -5.880, df = 4; the t table puts P(T_4 < -5.598)
+    # at 0.0025 and P(T_4 < -7.173) at 0.001
+    s = summary.summarize(summary.load_attempts(
+        [write_attempts(tmp_path / "a", [3.25, 3.26, 3.27, 3.25, 3.26])]))
+    assert s["t"] == pytest.approx(-5.880, abs=1e-3)
+    assert 0.001 < s["p_value"] < 0.0025 and s["accepted"]
+
+
+def test_summary_over_several_folders_and_one_attempt(tmp_path, capsys):
+    write_attempts(tmp_path / "2026-12-01_base", [3.27, 3.29])
+    write_attempts(tmp_path / "2026-12-02_base", [3.26], times=[90.0])
+    assert summary.main([str(tmp_path / "*_base"), "--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "3 attempts in 2 folders" in out and "nan" not in out
+    assert out.count("2026-12-01_base") == 2 and out.count("2026-12-02_base") == 1
+    mean = (3.27 + 3.29 + 3.26) / 3
+    assert f"val loss   {mean:.4f} +- {statistics.stdev([3.27, 3.29, 3.26]):.4f}" in out
+    assert summary.main([str(tmp_path / "2026-12-02_base")]) == 0
+    out = capsys.readouterr().out
+    assert "val loss   3.2600 (one attempt: no spread)" in out and "nan" not in out
+    assert "p-value: needs at least two attempts" in out
+    assert summary.main([str(tmp_path / "nothing_here")]) == 2
 
 
 def test_benchmark_mode_reports_every_stage(config, tmp_path):

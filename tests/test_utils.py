@@ -26,7 +26,8 @@ def test_peak_tflops_prefers_the_specific_name():
 def test_cpu_device_and_missing_gpu(monkeypatch):
     assert utils.detect_device("cpu").kind == "cpu"
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    with pytest.raises(utils.ConfigError, match="config/cpu.py.*--device cpu"):
+    with pytest.raises(utils.ConfigError, match="asks for a CUDA GPU .training_config.device "
+                                                "'cuda'. and none was found: add --device cpu"):
         utils.detect_device("cuda")
 
 
