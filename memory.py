@@ -7,9 +7,9 @@ the meta device), plus what a micro-batch keeps for its backward pass, in propor
 tokens. That second part is estimated per token as ``bytes_per_unit`` x (num_layers x
 (model_dim + ffn_dim) + padded vocabulary): the residual stream and the MLP's activations of
 every layer, and the row of logits' gradient that the lm_head's loss op writes. The bytes per
-unit were measured on record #55's model (config/record55.py) on an H100, peak memory allocated
-less the state, per token and unit; record #89's model (config/base.py) is estimated with the
-same bytes per unit until it is measured (README, Any card from 24 to 80 GB). The caching
+unit are measured for each model (record #89's, config/base.py; record #55's,
+config/record55.py) on an H100: peak memory allocated less the state, per token and unit
+(README, Any card from 24 to 80 GB). The caching
 allocator reserves more than it allocates, so the estimate must fit within ``HEADROOM`` of the
 memory.
 
@@ -22,12 +22,21 @@ import math
 from utils import ConfigError
 
 GB = 1e9
-HEADROOM = 0.85  # measured on the H100: 31.0 GB allocated at the peak, 36.3 GB reserved
-# Bytes a micro-batch keeps per token and unit, by whether the float8 matmuls run: record #55's
-# config at 65,536 tokens, H100, peak allocated 31.0 GB with float8 (commit 4c8854c) and 33.4 GB
-# without (commit 945d126 with the bf16 residual stream), less its 4.0 GB of state.
-BYTES_PER_UNIT = {True: (31.0 - 4.0) * GB / 65_536 / 92_544,
-                  False: (33.4 - 4.0) * GB / 65_536 / 92_544}
+# The allocator's slack: on the H100 record #55 reserved 36.3 GB for 31.0 allocated; record
+# #89 48.4 GB for 40.2, and under a 48 GB cap 47.6 (it frees cached blocks before failing)
+HEADROOM = 0.85
+# Bytes a micro-batch keeps per token and unit, by model config and by whether the float8
+# matmuls run: peak allocated on an H100 less the run's state, per token of the micro-batch.
+BYTES_PER_UNIT = {
+    # record #55 at 65,536 tokens: 31.0 GB with float8 (commit 4c8854c), 33.4 GB without
+    # (commit 945d126 with the bf16 residual stream), state 4.0 GB
+    "Record55Config": {True: (31.0 - 4.0) * GB / 65_536 / 92_544,
+                       False: (33.4 - 4.0) * GB / 65_536 / 92_544},
+    # record #89 at 65,536 tokens with float8: 40.2 GB (2026-12-06), state 9.9 GB; without
+    # float8: not yet measured, record #55's ratio of the two
+    "GPTConfig": {True: (40.2 - 9.9) * GB / 65_536 / 92_544,
+                  False: (40.2 - 9.9) * (33.4 - 4.0) / (31.0 - 4.0) * GB / 65_536 / 92_544},
+}
 
 
 def state_bytes(model_config, optimizer_config) -> int:
@@ -49,7 +58,7 @@ def state_bytes(model_config, optimizer_config) -> int:
 def activation_bytes_per_token(model_config, fp8: bool) -> float:
     c = model_config
     units = c.num_layers * (c.model_dim + c.ffn_dim) + c.padded_vocab
-    return BYTES_PER_UNIT[fp8] * units
+    return BYTES_PER_UNIT[type(model_config).__name__][fp8] * units
 
 
 def uses_fp8(model_config, device) -> bool:

@@ -110,6 +110,8 @@ def _check_type(path, old, new):
     """New values keep the type of the value they replace (ints widen to floats)."""
     if old is None or new is None:
         return new
+    if isinstance(old, bool) and isinstance(new, str) and new.lower() in ("true", "false"):
+        return new.lower() == "true"  # the spelling of JSON and of most CLIs
     if isinstance(old, bool) or isinstance(new, bool):
         if isinstance(old, bool) and isinstance(new, bool):
             return new

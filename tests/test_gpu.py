@@ -173,12 +173,16 @@ def test_compiled_optimizer_steps_match_eager_and_compile_once(tiny_model_config
         assert error < 0.05, (name, error)
 
 
-def test_record89_parity_in_bf16_on_gpu():
-    """tests/test_parity_model.py's comparison with the record's numbers, on the GPU with the
-    CUDA dtype plan (bf16 activations, float8 off: the tiny shapes are not multiples of 16):
-    the loss and every gradient within bf16's reach of the record's float32 ones."""
+def record89_gradients_on_gpu(dtype, monkeypatch):
+    """tests/test_parity_model.py's batch through the model on the GPU, its activations in
+    ``dtype``: the loss, and each parameter's gradient with the record's float32 one. Eager:
+    compiled FlexAttention needs heads of 16 or more, the record's tiny model has 8 (the
+    compiled path is held to the eager one by test_cuda_path_matches_cpu_reference)."""
     import test_parity_model as parity
 
+    from model import GPT
+
+    monkeypatch.setattr(GPT, "compute_dtype", staticmethod(lambda inputs: dtype))
     inputs = torch.load(parity.REFERENCE / "model_inputs.pt", weights_only=True)
     outputs = torch.load(parity.REFERENCE / "model_outputs.pt", weights_only=True)
     gpt = make_gpt(parity.tiny_config(inputs["config"]))
@@ -194,14 +198,42 @@ def test_record89_parity_in_bf16_on_gpu():
                                                   inputs["config"]["block_size"]))
     loss = gpt(x.cuda(), y.cuda(), docs.cuda(), parity.loss_weights(s).cuda()) * x.numel()
     loss.backward()
-    want = outputs["loss"]["train_total"].item()
-    print(f"bf16 loss {loss.item():.4f} record (float32) {want:.4f}")
-    assert loss.item() == pytest.approx(want, rel=2e-2)
-    errors = {}
-    for param, expected in parity.from_record(gpt, outputs["grads"], vocab).items():
-        got = param.grad.cpu() if param.grad is not None else torch.zeros(param.shape)
-        errors[param] = ((got - expected).norm() / expected.norm().clamp_min(1e-12)).item()
     names = {param: name for name, param in gpt.named_parameters()}
-    worst = sorted(errors.items(), key=lambda item: item[1])[-5:]
-    print({names[p]: round(e, 4) for p, e in worst})
-    assert all(e < 0.1 for e in errors.values())
+    grads = {names[param]: (param.grad.cpu() if param.grad is not None
+                            else torch.zeros(param.shape), expected)
+             for param, expected in parity.from_record(gpt, outputs["grads"], vocab).items()}
+    return loss.item(), outputs["loss"]["train_total"].item(), grads
+
+
+def relative_errors(grads):
+    return {name: ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+            for name, (got, want) in grads.items()}
+
+
+def test_record89_parity_in_float32_on_gpu(monkeypatch):
+    """The GPU's code path (FlexAttention block masks, the Triton loss kernel) in float32
+    against the record's float32 numbers: loss and every gradient."""
+    loss, want, grads = record89_gradients_on_gpu(torch.float32, monkeypatch)
+    assert loss == pytest.approx(want, rel=1e-5)
+    errors = relative_errors(grads)
+    print(sorted(errors.items(), key=lambda item: item[1])[-5:])
+    assert max(errors.values()) < 1e-3
+
+
+def test_record89_parity_in_bf16_on_gpu(monkeypatch):
+    """The CUDA dtype plan (bf16 activations, float8 off: the tiny shapes are not multiples of
+    16) against the record's float32 numbers. bf16 rounds each token's contribution to a
+    gradient; a scalar's gradient sums them over every token, and where they nearly cancel
+    (blocks.7.attn.lambdas: 5e-5 against 1e-2 for its neighbours) the rounding is all that
+    is left. So the scalars, gates and biases (under 1,024 entries each) are held to the
+    record jointly, the matrices each on its own; the small gate networks and dense mixes,
+    whose inputs are the bf16 residual stream, are the furthest off (README, The recipe)."""
+    loss, want, grads = record89_gradients_on_gpu(torch.bfloat16, monkeypatch)
+    print(f"bf16 loss {loss:.4f} record (float32) {want:.4f}")
+    assert loss == pytest.approx(want, rel=2e-2)
+    small = {name for name, (got, _) in grads.items() if got.numel() < 1024}
+    errors = relative_errors({name: pair for name, pair in grads.items() if name not in small})
+    errors["small, jointly"] = relative_errors({"small": tuple(
+        torch.cat([grads[name][i].flatten() for name in sorted(small)]) for i in (0, 1))})["small"]
+    print(sorted(errors.items(), key=lambda item: item[1])[-5:])
+    assert max(errors.values()) < 0.25

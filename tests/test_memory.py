@@ -54,6 +54,20 @@ def test_the_largest_micro_batch_that_fits_is_chosen(gb, multiple):
     assert all(memory.peak_bytes(config, HOPPER, m) > 0.85 * gb * memory.GB for m in larger)
 
 
+def test_record89_estimate_is_its_measured_peak():
+    # record #89 on the H100: 40.2 GB allocated at 32 x 2048 with float8, 9.9 GB of it state
+    config = base_config()
+    assert memory.state_bytes(config.model, config.optimizer) / memory.GB == pytest.approx(
+        9.87, abs=0.01)
+    assert memory.peak_bytes(config, HOPPER, 32) / memory.GB == pytest.approx(40.2, abs=0.05)
+    assert memory.peak_bytes(config, AMPERE, 32) > memory.peak_bytes(config, HOPPER, 32)
+    choices = {gb: memory.choose_multiple(config, device, gb * memory.GB)[0]
+               for gb, device in [(24, HOPPER), (32, HOPPER), (48, HOPPER), (80, HOPPER)]}
+    assert choices == {24: 8, 32: 16, 48: 32, 80: 32}
+    assert memory.choose_multiple(config, AMPERE, 24 * memory.GB)[0] == 8
+    assert memory.choose_multiple(config, AMPERE, 40 * memory.GB)[0] == 16
+
+
 def test_estimates_grow_with_the_micro_batch_and_without_float8():
     config = record55_config()
     peaks = [memory.peak_bytes(config, HOPPER, m) for m in (1, 2, 4, 8, 16, 32)]

@@ -13,7 +13,7 @@ from utils import REPO_ROOT, ConfigError
 
 CONFIG_TEXT = """
 model_config = dict(num_layers=4, model_dim=64, activation="relu2", softcap=23.0,
-                    window_pattern=(1, 2))
+                    window_pattern=(1, 2), fp8_mlp=True)
 optimizer_config = dict(adam=dict(lr=0.008, betas=(0.9, 0.95)), normuon=dict(lr=0.05))
 training_config = dict(seed=0, early_stop_steps=None, device="cuda", lr=1.0)
 data_config = dict(train_pattern="a/*train_*.bin", val_pattern="a/*val_*.bin")
@@ -81,6 +81,9 @@ def test_broken_config_is_named(tmp_path):
     ("activation", "gelu", "model_config.activation", "gelu"),
     ("softcap", "30", "model_config.softcap", 30.0),
     ("window_pattern", "[3,4]", "model_config.window_pattern", (3, 4)),
+    ("fp8_mlp", "false", "model_config.fp8_mlp", False),
+    ("fp8_mlp", "TRUE", "model_config.fp8_mlp", True),
+    ("fp8_mlp", "False", "model_config.fp8_mlp", False),
 ])
 def test_override_paths(config_path, key, text, path, value):
     config = run.load_config(config_path)
