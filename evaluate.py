@@ -18,6 +18,9 @@
   ``hellaswag_val.bin`` of the ``karpathy/llmc-starter-pack`` dataset, downloaded with
   huggingface_hub on first use and cached; ``--hellaswag_file`` reads a local file of that
   format instead.
+* **Canonical masking** (``--canonical_mask``, modded-nanogpt #350): the val loss once more,
+  the logits of the tokens the tokenizer never emits after the previous token masked
+  (``data/canonical_mask.py``); speedrun models only.
 
 The loss of every token comes from float32 logits of the model's final hidden states, for the
 trained model through its document-masked attention (compiled on a GPU, as in training) and
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.canonical_mask import build_canonical_mask, mask_logits
 from data.shards import BOS_ID
 
 EXIT_USAGE = 2
@@ -166,18 +170,24 @@ def hellaswag_accuracy(token_losses, sequences) -> tuple[int, int]:
 # Per-token losses of each model
 
 
-def cross_entropy_rows(hidden, targets, logits_of):
+def cross_entropy_rows(hidden, targets, logits_of, previous=None, table=None):
     """Loss of each row of ``hidden`` (T, D), LOGIT_ROWS rows of float32 logits at a time; 0
-    where the target is -1 (not scored)."""
-    return torch.cat([F.cross_entropy(logits_of(hidden[i:i + LOGIT_ROWS]).float(),
-                                      targets[i:i + LOGIT_ROWS], reduction="none",
-                                      ignore_index=-1)
-                      for i in range(0, hidden.size(0), LOGIT_ROWS)])
+    where the target is -1 (not scored). With a canonical-mask ``table``, the logits of the
+    tokens the tokenizer never emits after ``previous`` (T,) are masked first."""
+    losses = []
+    for i in range(0, hidden.size(0), LOGIT_ROWS):
+        logits = logits_of(hidden[i:i + LOGIT_ROWS]).float()
+        if table is not None:
+            logits = mask_logits(logits, previous[i:i + LOGIT_ROWS], table)
+        losses.append(F.cross_entropy(logits, targets[i:i + LOGIT_ROWS], reduction="none",
+                                      ignore_index=-1))
+    return torch.cat(losses)
 
 
 def speedrun_losses(model, device):
-    """token_losses(inputs, targets, rows=None) for the speedrun GPT over one packed sequence:
-    the loss at each of ``rows`` (all T by default), logits formed for those rows only."""
+    """token_losses(inputs, targets, rows=None, table=None) for the speedrun GPT over one
+    packed sequence: the loss at each of ``rows`` (all T by default), logits formed for those
+    rows only; with ``table``, canonically masked (data/canonical_mask.py)."""
     from layers.masks import document_ids
 
     hidden_states = model.hidden_states
@@ -185,12 +195,13 @@ def speedrun_losses(model, device):
         hidden_states = torch.compile(hidden_states, dynamic=False)
 
     @torch.no_grad()
-    def token_losses(inputs, targets, rows=None):
+    def token_losses(inputs, targets, rows=None, table=None):
         inputs, targets = inputs.to(device), targets.to(device)
         hidden = hidden_states(inputs, document_ids(inputs))[0]
         if rows is not None:
-            hidden, targets = hidden[rows.to(device)], targets[rows.to(device)]
-        return cross_entropy_rows(hidden, targets, model.logits)
+            rows = rows.to(device)
+            hidden, targets, inputs = hidden[rows], targets[rows], inputs[rows]
+        return cross_entropy_rows(hidden, targets, model.logits, inputs, table)
 
     return token_losses
 
@@ -226,9 +237,10 @@ def gpt2_losses(model, device):
     return token_losses
 
 
-def val_loss(token_losses, pieces) -> float:
+def val_loss(token_losses, pieces, **options) -> float:
     """The mean loss over the scored tokens (target not -1) of the val pieces."""
-    total = sum(token_losses(inputs, targets).double().sum().item() for inputs, targets in pieces)
+    total = sum(token_losses(inputs, targets, **options).double().sum().item()
+                for inputs, targets in pieces)
     return total / sum(int((targets >= 0).sum()) for _, targets in pieces)
 
 
@@ -250,6 +262,9 @@ def build_parser():
     parser.add_argument("--hellaswag_examples", type=int, default=None, metavar="N",
                         help="only the first N examples (a quick look; the figure then is not "
                              "HellaSwag's)")
+    parser.add_argument("--canonical_mask", action="store_true",
+                        help="also the val loss with the tokens the tokenizer never emits "
+                             "after the previous one masked (modded-nanogpt #350)")
     parser.add_argument("--skip_val", action="store_true")
     parser.add_argument("--skip_hellaswag", action="store_true")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
@@ -312,6 +327,12 @@ def evaluate(args) -> dict:
         figures["val_tokens"] = scored
         print(f"FineWeb val loss {figures['val_loss']:.4f} over {scored:,} tokens of "
               f"{config.data.val_pattern}")
+        if args.canonical_mask:
+            table = torch.from_numpy(build_canonical_mask(config.model.padded_vocab))
+            figures["val_loss_canonical"] = val_loss(token_losses, pieces,
+                                                     table=table.to(device))
+            print(f"FineWeb val loss {figures['val_loss_canonical']:.4f} with non-canonical "
+                  "tokens masked (#350)")
     if hellaswag is not None:
         examples = hellaswag[:args.hellaswag_examples]
         longest_example = max(sum(len(e.context) + len(end) for end in e.endings)
@@ -337,6 +358,9 @@ def main(argv=None) -> int:
         problem = "give a model or checkpoint PATH, or --gpt2 (not both)"
     elif args.path is not None and not Path(args.path).is_file():
         problem = f"no model or checkpoint file at {args.path}"
+    elif args.canonical_mask and (args.gpt2 is not None or args.skip_val):
+        problem = ("--canonical_mask masks the val loss of a speedrun model (softcapped "
+                   "logits): not with --gpt2 or --skip_val")
     elif args.hellaswag_examples is not None and args.hellaswag_examples < 1:
         problem = "--hellaswag_examples must be at least 1"
     elif args.device == "cuda" and not torch.cuda.is_available():
