@@ -20,8 +20,10 @@ is always complete; a ``.tmp`` is what a killed write leaves behind.
 
 import json
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -69,6 +71,46 @@ def _join(value, tensors: dict):
     if isinstance(value, list):
         return [_join(item, tensors) for item in value]
     return value
+
+
+# ----------------------------------------------------------------------------------------------
+# State that is not a module's or an optimizer's
+
+
+def to_host(state):
+    """A copy of a state (tensors in dicts and lists) in host memory."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: to_host(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [to_host(value) for value in state]
+    return state
+
+
+def rng_state():
+    """Every generator the run draws from, as plain data and CPU byte tensors (a checkpoint
+    keeps it as JSON and tensors)."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), position, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    # RNG states are CPU byte tensors; a checkpoint read onto the GPU moved them
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import averaging
 import checkpoints
 from data.loader import DataLoader, validation_pieces
 from distributed import World
@@ -187,15 +188,25 @@ class ScheduleConfig:
     split_frac: float  # untie the embedding from the lm_head at this share of the stages
     freeze_scalars_steps: int  # the scalar Adam holds still this long when a stage begins
     adam_every: int  # Adam steps on every n-th step, with the gradients of the n summed
+    tail_ema_window: int  # averaging.py: the last steps averaged (0: off)
+    tail_ema_blend: float  # the share of the average in the final weights
 
     def __post_init__(self):
         check_ranges("schedule", self,
                      positive=("num_scheduled_iterations", "adam_every"),
                      non_negative=("num_extension_iterations", "warmup_steps", "final_lr_ratio",
                                    "momentum_warmup_steps", "momentum_cooldown_steps",
-                                   "freeze_scalars_steps"),
-                     fractions=("cooldown_frac", "split_frac"),
+                                   "freeze_scalars_steps", "tail_ema_window"),
+                     fractions=("cooldown_frac", "split_frac", "tail_ema_blend"),
                      below_one=("momentum_start", "momentum_peak", "momentum_end"))
+        total = self.num_scheduled_iterations + self.num_extension_iterations
+        if self.tail_ema_window > total:
+            raise ConfigError(f"schedule.tail_ema_window={self.tail_ema_window} is longer than "
+                              f"the run's {total} steps")
+        if self.tail_ema_window and self.adam_every != 2:
+            raise ConfigError("schedule.tail_ema_window needs adam_every=2: the average follows "
+                              "record #92's cadence, Adam moving the lm_head and the embedding "
+                              f"on odd steps (adam_every is {self.adam_every})")
 
     @classmethod
     def from_dict(cls, values: dict) -> "ScheduleConfig":
@@ -456,41 +467,6 @@ class RankLogger:
 # The training manager
 
 
-def to_host(state):
-    """A copy of a state (tensors in dicts and lists) in host memory."""
-    if torch.is_tensor(state):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {key: to_host(value) for key, value in state.items()}
-    if isinstance(state, list):
-        return [to_host(value) for value in state]
-    return state
-
-
-def rng_state():
-    """Every generator the run draws from, as plain data and CPU byte tensors (a checkpoint
-    keeps it as JSON and tensors)."""
-    version, internal, gauss = random.getstate()
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(internal), gauss],
-             "numpy": [name, keys.tolist(), position, has_gauss, cached],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
-    # RNG states are CPU byte tensors; a checkpoint read onto the GPU moved them
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -546,6 +522,12 @@ class TrainingManager:
         self.step = 0  # optimizer steps completed
         self.train_time = 0.0  # seconds of training, validation and compile excluded
         self.history = []  # (step, train time, val loss)
+        sc = self.schedule.config
+        self.tail_ema = None
+        if sc.tail_ema_window:
+            params = {name: getattr(self.model, name) for name in averaging.PARAMETERS}
+            self.tail_ema = averaging.TailEMA(params, sc.tail_ema_window, sc.tail_ema_blend,
+                                              self.schedule.total)
 
     # -- the schedule -------------------------------------------------------------------------
 
@@ -625,10 +607,10 @@ class TrainingManager:
         start = time.perf_counter()
         # the snapshot waits in host memory: on the GPU it would add the weights and the
         # optimizer's state (7.3 GB for config/base.py) to the peak of the warm-up's steps
-        model_state = to_host(self.model.state_dict())
-        optimizer_state = to_host(self.optimizer.state_dict())
+        model_state = checkpoints.to_host(self.model.state_dict())
+        optimizer_state = checkpoints.to_host(self.optimizer.state_dict())
         loader_state = self.train_loader.state_dict()
-        rng = rng_state()
+        rng = checkpoints.rng_state()
         pending = {p: p.grad for p in self.model.parameters()}
         self.optimizer.zero_grad()
         step = self.step
@@ -640,7 +622,7 @@ class TrainingManager:
         for p, grad in pending.items():
             p.grad = grad
         self.train_loader.load_state_dict(loader_state)
-        set_rng_state(rng)
+        checkpoints.set_rng_state(rng)
         self.step = step
         synchronize(self.device)
         return time.perf_counter() - start
@@ -665,7 +647,8 @@ class TrainingManager:
         return {"step": self.step, "run_id": self.run_id, "train_time": self.train_time,
                 "history": self.history, "model": self.model.state_dict(),
                 "gradients": pending, "optimizer": self.optimizer.state_dict(),
-                "loader": self.train_loader.state_dict(), "rng": rng_state(),
+                "loader": self.train_loader.state_dict(), "rng": checkpoints.rng_state(),
+                "tail_ema": self.tail_ema.state_dict() if self.tail_ema is not None else {},
                 "config": self.config.raw}
 
     def save_checkpoint(self, path):
@@ -708,10 +691,12 @@ class TrainingManager:
         for name, p in self.model.named_parameters():
             p.grad = state["gradients"].get(name)
         self.train_loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        checkpoints.set_rng_state(state["rng"])
         self.step, self.train_time = state["step"], state["train_time"]
         self.run_id = state["run_id"]
         self.history = [tuple(entry) for entry in state["history"]]
+        if self.tail_ema is not None:
+            self.tail_ema.load_state_dict(state.get("tail_ema", {}))
 
     def save_model(self, val_loss):
         """The trained weights and the run's config, for sample.py and evaluate.py
@@ -755,6 +740,8 @@ class TrainingManager:
                         raise TrainingError(f"loss is {loss} at step {self.step}: training "
                                             f"stopped (log kept at {self.logger.path})")
                     self.log_step(loss, step_time)
+                    if self.tail_ema is not None:
+                        self.tail_ema.tick(self.step - 1)
                     if self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0:
                         log(f"checkpoint written: {self.write_checkpoint()}")
                     if (every and self.step % every == 0 and self.step < stop
@@ -768,6 +755,10 @@ class TrainingManager:
                 raise
             if signals.received is not None:
                 self.stop_on_signal(signals.received)
+            if self.tail_ema is not None and self.step == self.schedule.total:
+                shipped = self.tail_ema.ship()
+                log(f"tail EMA of {', '.join(shipped)} over the last "
+                    f"{self.tail_ema.window} steps blended in ({self.tail_ema.blend})")
             self.model.yarn.set_windows(self.schedule.validation_windows, yarn=False)
             val_loss = self.validate()
             self.log_validation(val_loss)

@@ -144,6 +144,10 @@ schedule = dict(
     split_frac=848 / 1270,
     freeze_scalars_steps=0,
     adam_every=2,  # Adam on odd steps, on the gradients of two steps
+    # record #92's TailEMA of the lm_head and embedding (averaging.py; 298 steps blended
+    # 0.65 there): off until measured on this recipe
+    tail_ema_window=0,
+    tail_ema_blend=0.65,
 )
 
 data_config = dict(

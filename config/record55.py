@@ -117,6 +117,8 @@ schedule = dict(
     split_frac=2 / 3,  # untie embedding and lm_head at this share of the scheduled iterations
     freeze_scalars_steps=40,  # scalar Adam holds still this long when a stage begins
     adam_every=1,  # Adam steps every step
+    tail_ema_window=0,  # averaging.py needs adam_every=2
+    tail_ema_blend=0.65,
 )
 
 data_config = dict(
