@@ -172,16 +172,20 @@ def hellaswag_accuracy(token_losses, sequences) -> tuple[int, int]:
 
 def cross_entropy_rows(hidden, targets, logits_of, previous=None, table=None):
     """Loss of each row of ``hidden`` (T, D), LOGIT_ROWS rows of float32 logits at a time; 0
-    where the target is -1 (not scored). With a canonical-mask ``table``, the logits of the
-    tokens the tokenizer never emits after ``previous`` (T,) are masked first."""
+    where the target is -1 (not scored). With a canonical-mask ``table``: (2, T), the losses
+    as they are and with the tokens the tokenizer never emits after ``previous`` (T,) masked,
+    from the same logits."""
     losses = []
     for i in range(0, hidden.size(0), LOGIT_ROWS):
         logits = logits_of(hidden[i:i + LOGIT_ROWS]).float()
+        rows = targets[i:i + LOGIT_ROWS]
+        loss = F.cross_entropy(logits, rows, reduction="none", ignore_index=-1)
         if table is not None:
-            logits = mask_logits(logits, previous[i:i + LOGIT_ROWS], table)
-        losses.append(F.cross_entropy(logits, targets[i:i + LOGIT_ROWS], reduction="none",
-                                      ignore_index=-1))
-    return torch.cat(losses)
+            masked = mask_logits(logits, previous[i:i + LOGIT_ROWS], table)
+            loss = torch.stack([loss, F.cross_entropy(masked, rows, reduction="none",
+                                                      ignore_index=-1)])
+        losses.append(loss)
+    return torch.cat(losses, -1)
 
 
 def speedrun_losses(model, device):
@@ -237,11 +241,12 @@ def gpt2_losses(model, device):
     return token_losses
 
 
-def val_loss(token_losses, pieces, **options) -> float:
-    """The mean loss over the scored tokens (target not -1) of the val pieces."""
-    total = sum(token_losses(inputs, targets, **options).double().sum().item()
+def val_loss(token_losses, pieces, **options):
+    """The mean loss over the scored tokens (target not -1) of the val pieces: a float, or a
+    list of them where token_losses gives several rows (unmasked and masked)."""
+    total = sum(token_losses(inputs, targets, **options).double().sum(-1).cpu()
                 for inputs, targets in pieces)
-    return total / sum(int((targets >= 0).sum()) for _, targets in pieces)
+    return (total / sum(int((targets >= 0).sum()) for _, targets in pieces)).tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,14 +328,16 @@ def evaluate(args) -> dict:
         if not pieces:
             raise EvalError(f"the val shards {config.data.val_pattern} hold less than one chunk "
                             f"of val_chunk_tokens={tc.val_chunk_tokens:,} tokens")
-        figures["val_loss"] = val_loss(token_losses, pieces)
+        if args.canonical_mask:  # both losses from the same logits
+            table = torch.from_numpy(build_canonical_mask(config.model.padded_vocab))
+            figures["val_loss"], figures["val_loss_canonical"] = val_loss(
+                token_losses, pieces, table=table.to(device))
+        else:
+            figures["val_loss"] = val_loss(token_losses, pieces)
         figures["val_tokens"] = scored
         print(f"FineWeb val loss {figures['val_loss']:.4f} over {scored:,} tokens of "
               f"{config.data.val_pattern}")
         if args.canonical_mask:
-            table = torch.from_numpy(build_canonical_mask(config.model.padded_vocab))
-            figures["val_loss_canonical"] = val_loss(token_losses, pieces,
-                                                     table=table.to(device))
             print(f"FineWeb val loss {figures['val_loss_canonical']:.4f} with non-canonical "
                   "tokens masked (#350)")
     if hellaswag is not None:

@@ -188,8 +188,9 @@ class ScheduleConfig:
     split_frac: float  # untie the embedding from the lm_head at this share of the stages
     freeze_scalars_steps: int  # the scalar Adam holds still this long when a stage begins
     adam_every: int  # Adam steps on every n-th step, with the gradients of the n summed
-    tail_ema_window: int  # averaging.py: the last steps averaged (0: off)
-    tail_ema_blend: float  # the share of the average in the final weights
+    # defaults: configs saved in checkpoints and models before these keys still load
+    tail_ema_window: int = 0  # averaging.py: the last steps averaged (0: off)
+    tail_ema_blend: float = 0.65  # the share of the average in the final weights
 
     def __post_init__(self):
         check_ranges("schedule", self,

@@ -123,3 +123,9 @@ def test_bad_tail_ema_settings_are_named(config, updates, message):
     config["schedule"].update(updates)
     with pytest.raises(ConfigError, match=message):
         run.build_config(config)
+
+
+def test_configs_saved_before_the_tail_ema_keys_still_load(config):
+    for key in ("tail_ema_window", "tail_ema_blend"):
+        del config["schedule"][key]
+    assert run.build_config(config).schedule.config.tail_ema_window == 0
