@@ -5,8 +5,9 @@ builds record #55's model, ``model_record55.py``, for config/record55.py), and t
 pieces live in ``layers/``: the attention rule as masks, rotary embedding and YaRN,
 ``GatedAttention`` (paired heads, key offset, XSA, DC, gates), the MLP, the bigram hash
 embedding, value embeddings and the smear gate, the gate networks and dense connections
-(``layers/mudd.py``), and the prediction targets. The lm_head and its softcapped
-cross-entropy over those targets are one op in ``kernels.py``.
+(``layers/mudd.py``), and the head (``layers/head.py``: the prediction targets, and
+``SpeedrunLM``, the loss, logits and dtype plan both GPTs share). The lm_head and its
+softcapped cross-entropy over those targets are one op in ``kernels.py``.
 
 The layers, for the record's 11 (window_pattern "SSSLSS-SSSL"): 0, 2, 5, 9 paired heads; 3
 and 10 long windows with the key offset; 6 no attention, a gated skip from layer 3's output
@@ -28,13 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels
 from data.shards import BOS_ID
 from layers.attention import GatedAttention
 from layers.bigram import BigramEmbedding
 from layers.core import make_param, norm
 from layers.embeddings import EmbeddingTie, SmearGate, ValueEmbeddings
-from layers.head import prediction_targets
+from layers.head import SpeedrunLM
 from layers.masks import attention_masks, document_ids
 from layers.mlp import ACTIVATIONS, MLP
 from layers.mudd import MUDD_SCALE, CoefficientNet, GateLayout, GateNetworks
@@ -195,7 +195,7 @@ class Block(nn.Module):
         return self.residual[1].type_as(x) * x + self.post[1].type_as(x) * self.mlp(norm(x))
 
 
-class GPT(nn.Module):
+class GPT(SpeedrunLM):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -225,41 +225,7 @@ class GPT(nn.Module):
                          config.yarn_beta, config.yarn_attn_factor)
         self.register_buffer("prefix_table", _prefix_table(config))
 
-    def get_extra_state(self):
-        return {"tied": self.tie.tied}
-
-    def set_extra_state(self, state):
-        self.tie.tied = state["tied"]
-
-    # -- forward ------------------------------------------------------------------------------
-
-    def forward(self, inputs: Tensor, targets: Tensor | None = None, docs: Tensor | None = None,
-                loss_weights: Tensor | None = None):
-        """inputs: (T,) token ids. Returns the loss (averaged over the T rows, each row's
-        targets weighted by ``loss_weights``: see ``layers.head.prediction_targets``; the next
-        token alone when None), or the (T, vocab_size) logits when no targets are given.
-        ``docs`` (``document_ids(inputs)``) may be passed in, computed outside a compiled
-        graph."""
-        if docs is None:
-            docs = document_ids(inputs)
-        hidden = self.hidden_states(inputs, docs)[0]
-        head = self.lm_head.type_as(hidden)
-        if targets is None:
-            return self.logits(hidden)[:, :self.config.vocab_size]
-        if loss_weights is not None:
-            targets, weights = prediction_targets(targets, loss_weights, self.prefix_table)
-        else:
-            weights = None
-        return kernels.linear_softcap_cross_entropy(hidden, head, targets, *self.softcap_args,
-                                                    fp8=self.config.fp8_lm_head,
-                                                    weights=weights)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        """The softcapped float32 logits (T, padded vocab) of final hidden states (T, D). The
-        columns past vocab_size belong to no token, but the training loss normalises over
-        them too; a distribution over tokens leaves them out."""
-        logits = F.linear(hidden, self.lm_head.type_as(hidden))
-        return kernels.softcap(logits.float(), *self.softcap_args)
+    # -- decoding -----------------------------------------------------------------------------
 
     def start_decoding(self) -> "DecodeState":
         return DecodeState()
@@ -283,19 +249,6 @@ class GPT(nn.Module):
         hidden = self.hidden_states(padded, document_ids(padded))[0]
         rows = hidden[first - start:tokens.numel() - start]
         return self.logits(rows)[:, :self.config.vocab_size]
-
-    @property
-    def softcap_args(self):
-        """(cap, shift, temp, tanh) as kernels.py takes them."""
-        c = self.config
-        return c.logit_softcap, c.softcap_shift, c.softcap_temp, c.softcap_form == "tanh"
-
-    @staticmethod
-    def compute_dtype(inputs):
-        """bf16 on CUDA, float32 elsewhere (the reference the CUDA path is tested against).
-        Weights stay float32 and are cast where used; norms, softmax and loss reduce in
-        float32."""
-        return torch.bfloat16 if inputs.is_cuda else torch.float32
 
     def masks(self, docs: Tensor, on_gpu: bool) -> dict:
         """"S" and "L" for the sequence, "P" (the short window) for the doubled sequence of

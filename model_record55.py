@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels
 from layers.attention import CausalSelfAttention
 from layers.core import make_param, norm
 from layers.embeddings import EmbeddingTie, SmearGate, ValueEmbeddings
-from layers.head import prediction_targets
+from layers.head import SpeedrunLM
 from layers.masks import attention_masks, attention_rows, document_ids
 from layers.mlp import ACTIVATIONS, MLP
 from layers.rotary import Yarn
@@ -136,7 +135,7 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
-class GPT55(nn.Module):
+class GPT55(SpeedrunLM):
     def __init__(self, config: Record55Config):
         super().__init__()
         self.config = config
@@ -144,6 +143,7 @@ class GPT55(nn.Module):
         self.lm_head = make_param(torch.randn(vocab, dim) * config.lm_head_init_std, "lm_head")
         self.embed = make_param(self.lm_head.detach().clone(), "embed")
         self.tie = EmbeddingTie(self.embed, self.lm_head)
+        self.prefix_table = None  # next-token prediction only
         self.smear = SmearGate() if config.smear_gate else None
         self.skips = SkipConnections(config.skip_connections, config.skip_lambda_init)
         self.backout = (Backout(config.backout_layer, config.backout_init)
@@ -155,44 +155,7 @@ class GPT55(nn.Module):
                          config.attn_scale, config.block_size, config.yarn_alpha,
                          config.yarn_beta, config.yarn_attn_factor)
 
-    def get_extra_state(self):
-        return {"tied": self.tie.tied}
-
-    def set_extra_state(self, state):
-        self.tie.tied = state["tied"]
-
-    # -- forward ------------------------------------------------------------------------------
-
-    def forward(self, inputs: Tensor, targets: Tensor | None = None, docs: Tensor | None = None,
-                loss_weights: Tensor | None = None):
-        """inputs: (T,) token ids, T a multiple of the block size. Returns the loss averaged
-        over the T rows (weighted by ``loss_weights``, see ``layers.head.prediction_targets``;
-        record #55 predicts the next token only, weight 1 when None), or the (T, vocab_size)
-        logits when no targets are given.
-
-        ``docs`` (``document_ids(inputs)``) may be passed in: the trainer computes it outside
-        the compiled graph, where inductor cannot lower FlexAttention's mask_mod reading a
-        tensor computed inside the same graph (seen with torch 2.11 at T = 64K)."""
-        if docs is None:
-            docs = document_ids(inputs)
-        hidden = self.hidden_states(inputs, docs)
-        # (T, D) rows: indexing (1, T, V) logits would cost a full copy of their gradient in
-        # the backward pass
-        hidden, head = hidden[0], self.lm_head.type_as(hidden)
-        if targets is None:
-            return self.logits(hidden)[:, :self.config.vocab_size]
-        weights = None
-        if loss_weights is not None:
-            targets, weights = prediction_targets(targets, loss_weights, None)
-        return kernels.linear_softcap_cross_entropy(hidden, head, targets, *self.softcap_args,
-                                                    fp8=self.config.fp8_lm_head, weights=weights)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        """The softcapped float32 logits (T, padded vocab) of final hidden states (T, D). The
-        columns past vocab_size belong to no token, but the training loss normalises over
-        them too; a distribution over tokens leaves them out."""
-        logits = F.linear(hidden, self.lm_head.type_as(hidden))
-        return kernels.softcap(logits.float(), *self.softcap_args)
+    # -- decoding -----------------------------------------------------------------------------
 
     def start_decoding(self) -> "DecodeState":
         return DecodeState(self)
@@ -212,19 +175,6 @@ class GPT55(nn.Module):
         rotary = tuple(t[:, -inputs.numel():] for t in self.yarn.tables(docs.numel()))
         hidden = self.blocks_output(inputs, masks, rotary, state)[0]
         return self.logits(hidden)[:, :self.config.vocab_size]
-
-    @property
-    def softcap_args(self):
-        """(cap, shift, temp, tanh) as kernels.py takes them."""
-        c = self.config
-        return c.logit_softcap, c.softcap_shift, c.softcap_temp, c.softcap_form == "tanh"
-
-    @staticmethod
-    def compute_dtype(inputs):
-        """The dtype of the residual stream, the activations and the matmul inputs: bf16 on
-        CUDA; float32 elsewhere, the reference the CUDA path is tested against. Weights stay
-        float32 and are cast where used; reductions (norms, softmax, loss) run in float32."""
-        return torch.bfloat16 if inputs.is_cuda else torch.float32
 
     def hidden_states(self, inputs, docs):
         windows = (self.yarn.windows[0], self.yarn.windows[1])

@@ -1,9 +1,15 @@
-"""What the lm_head is asked to predict: the next token, and in record #89's schedule also the
-tokens after it (multi-token prediction, #337's predecessors) and the next token's prefix
-token (prefix-token prediction, #337), each with its weight from the stage table."""
+"""The head of a speedrun GPT: what the lm_head is asked to predict (the next token, and in
+record #89's schedule also the tokens after it, multi-token prediction, and the next token's
+prefix token, #337, each with its weight from the stage table), and ``SpeedrunLM``, what both
+GPTs (record #89's and #55's) share from their final hidden states on: the loss op, the
+logits, the dtype plan and the embedding tie's state."""
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kernels
+from layers.masks import document_ids
 
 
 def prediction_targets(targets: Tensor, weights: Tensor, prefix_table: Tensor | None):
@@ -26,3 +32,59 @@ def prediction_targets(targets: Tensor, weights: Tensor, prefix_table: Tensor | 
         columns.append(prefix)
         column_weights.append(torch.where(prefix >= 0, weights[K], 0.0))
     return torch.stack(columns, 1), torch.stack(column_weights, 1)
+
+
+class SpeedrunLM(nn.Module):
+    """A GPT of this project from its final hidden states on. A subclass sets ``config``,
+    ``lm_head``, ``tie`` (layers.embeddings.EmbeddingTie) and ``prefix_table`` (None without
+    prefix-token prediction), and defines ``hidden_states(inputs, docs)`` -> (1, T, D)."""
+
+    def get_extra_state(self):
+        return {"tied": self.tie.tied}
+
+    def set_extra_state(self, state):
+        self.tie.tied = state["tied"]
+
+    def forward(self, inputs: Tensor, targets: Tensor | None = None, docs: Tensor | None = None,
+                loss_weights: Tensor | None = None):
+        """inputs: (T,) token ids, T a multiple of the block size. Returns the loss averaged
+        over the T rows (each row's targets weighted by ``loss_weights``, see
+        ``prediction_targets``; the next token alone when None), or the (T, vocab_size) logits
+        when no targets are given.
+
+        ``docs`` (``document_ids(inputs)``) may be passed in: the trainer computes it outside
+        the compiled graph, where inductor cannot lower FlexAttention's mask_mod reading a
+        tensor computed inside the same graph (seen with torch 2.11 at T = 64K)."""
+        if docs is None:
+            docs = document_ids(inputs)
+        # (T, D) rows: indexing (1, T, V) logits would cost a full copy of their gradient in
+        # the backward pass
+        hidden = self.hidden_states(inputs, docs)[0]
+        if targets is None:
+            return self.logits(hidden)[:, :self.config.vocab_size]
+        weights = None
+        if loss_weights is not None:
+            targets, weights = prediction_targets(targets, loss_weights, self.prefix_table)
+        return kernels.linear_softcap_cross_entropy(
+            hidden, self.lm_head.type_as(hidden), targets, *self.softcap_args,
+            fp8=self.config.fp8_lm_head, weights=weights)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The softcapped float32 logits (T, padded vocab) of final hidden states (T, D). The
+        columns past vocab_size belong to no token, but the training loss normalises over
+        them too; a distribution over tokens leaves them out."""
+        logits = F.linear(hidden, self.lm_head.type_as(hidden))
+        return kernels.softcap(logits.float(), *self.softcap_args)
+
+    @property
+    def softcap_args(self):
+        """(cap, shift, temp, tanh) as kernels.py takes them."""
+        c = self.config
+        return c.logit_softcap, c.softcap_shift, c.softcap_temp, c.softcap_form == "tanh"
+
+    @staticmethod
+    def compute_dtype(inputs):
+        """The dtype of the residual stream, the activations and the matmul inputs: bf16 on
+        CUDA; float32 elsewhere, the reference the CUDA path is tested against. Weights stay
+        float32 and are cast where used; reductions (norms, softmax, loss) run in float32."""
+        return torch.bfloat16 if inputs.is_cuda else torch.float32
