@@ -76,3 +76,31 @@ def make_gpt(model_config):
     from model import build_model
 
     return build_model(gpt_config(model_config))
+
+
+def make_model(config, short=1, long=2, seed=0, randomize=True):
+    """A tiny model whose zero-initialised parts are randomised, so every path carries signal."""
+    import torch  # here: the module sets OMP_NUM_THREADS before torch is first imported
+
+    torch.manual_seed(seed)
+    gpt = make_gpt(config)
+    gpt.yarn.set_windows((short, long))
+    if randomize:
+        with torch.no_grad():
+            for p in gpt.parameters():
+                if p is not gpt.embed:  # a tied model's embedding is its lm_head
+                    p.add_(torch.randn_like(p) * (0.3 if p.ndim < 2 else 0.05))
+        gpt.tie.sync()
+    return gpt
+
+
+def tokens(n, doc_starts=(0,), seed=1):
+    """n random token ids with BOS at ``doc_starts``."""
+    import torch
+
+    from data.shards import BOS_ID
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50000, (n,), generator=g)
+    x[list(doc_starts)] = BOS_ID
+    return x

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_gpt
+from conftest import make_gpt, make_model, tokens
 
 import kernels
 import model as M
@@ -20,27 +20,6 @@ from layers.mlp import ACTIVATIONS
 from utils import ConfigError
 
 BOS = BOS_ID
-
-
-def make_model(config, short=1, long=2, seed=0, randomize=True):
-    """A tiny model whose zero-initialised parts are randomised, so every path carries signal."""
-    torch.manual_seed(seed)
-    gpt = make_gpt(config)
-    gpt.yarn.set_windows((short, long))
-    if randomize:
-        with torch.no_grad():
-            for p in gpt.parameters():
-                if p is not gpt.embed:  # a tied model's embedding is its lm_head
-                    p.add_(torch.randn_like(p) * (0.3 if p.ndim < 2 else 0.05))
-        gpt.tie.sync()
-    return gpt
-
-
-def tokens(n, doc_starts=(0,), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 50000, (n,), generator=g)
-    x[list(doc_starts)] = BOS
-    return x
 
 
 def test_causality(tiny_model_config):
