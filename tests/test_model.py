@@ -206,8 +206,9 @@ def test_bad_config_is_named(tiny_model_config):
         make_gpt(dict(tiny_model_config, dc_window=17))
 
 
-def test_sgd_reduces_loss(tiny_model_config):
-    gpt = make_model(tiny_model_config, randomize=False)
+@pytest.mark.parametrize("model_config", ["tiny_model_config", "record55_model_config"])
+def test_sgd_reduces_loss(model_config, request):
+    gpt = make_model(request.getfixturevalue(model_config), randomize=False)
     x = tokens(64, doc_starts=(0, 32))
     y = torch.roll(x, -1)
     opt = torch.optim.SGD(gpt.parameters(), lr=0.5)
