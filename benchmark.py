@@ -67,7 +67,9 @@ def stage_plan(manager, first):
 
 
 def profile_last_stage(manager, steps=3, rows=25):
-    """torch.profiler over a few steps of the run's largest stage: the kernels by device time."""
+    """torch.profiler over a few steps of the run's last stage: the kernels by device time, and
+    a Chrome trace (for Perfetto or chrome://tracing) beside the run's log, where the gaps
+    between kernels show whether the device waits on the host."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = manager.device.kind == "cuda"
@@ -81,7 +83,11 @@ def profile_last_stage(manager, steps=3, rows=25):
         if cuda:
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    path = manager.logger.path.with_name(manager.logger.path.stem + "_trace.json.gz")
+    if manager.world.is_main:
+        prof.export_chrome_trace(str(path))
+    return table, path
 
 
 def run_benchmark(manager, profile=False):
@@ -132,7 +138,9 @@ def run_benchmark(manager, profile=False):
         path.write_text(json.dumps(result, indent=1))
         log(f"benchmark written: {path}")
     if profile:
-        log(profile_last_stage(manager))
+        table, path = profile_last_stage(manager)
+        log(table)
+        log(f"trace written: {path}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """train.py: the stage table, gradient accumulation, transitions, resume, failures; run.py's
 training mode end to end, records and their summary, the benchmark mode."""
 
+import gzip
 import json
 import math
 import os
@@ -597,6 +598,10 @@ def test_benchmark_mode_reports_every_stage(config, tmp_path):
     assert [r["num_steps"] for r in result["stages"]] == [4, 4, 4, 2]
     log = (tmp_path / "log.txt").read_text()
     assert "ms/step" in log and "Self CPU" in log and "projected train time" in log
+    (trace,) = tmp_path.glob("*_trace.json.gz")
+    with gzip.open(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert any(e.get("cat") == "cpu_op" for e in events)
 
 
 def test_git_commit_marks_a_modified_checkout(tmp_path, monkeypatch):
