@@ -26,14 +26,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data.shards import BOS_ID
 from layers.attention import GatedAttention
 from layers.bigram import BigramEmbedding
 from layers.core import make_param, norm
-from layers.embeddings import EmbeddingTie, SmearGate, ValueEmbeddings
+from layers.embeddings import EmbeddingTie, SmearGate, ValueEmbeddings, rows
 from layers.head import SpeedrunLM
 from layers.masks import attention_masks, document_ids
 from layers.mlp import ACTIVATIONS, MLP
@@ -202,6 +201,7 @@ class GPT(SpeedrunLM):
         vocab, dim, last = config.padded_vocab, config.model_dim, config.num_layers - 1
         self.lm_head = make_param(torch.randn(vocab, dim) * config.lm_head_init_std, "lm_head")
         self.embed = make_param(self.lm_head.detach().clone(), "embed")
+        self.register_buffer("embed_grad", None, persistent=False)  # see grads_in_place
         self.tie = EmbeddingTie(self.embed, self.lm_head)
         self.smear = SmearGate(across_documents=True, gate_lr_mul=0.01, gate_wd_mul=0.0)
         self.value_embeds = ValueEmbeddings(vocab, dim, config.value_embed_layers,
@@ -224,6 +224,14 @@ class GPT(SpeedrunLM):
                          config.attn_scale, config.block_size, config.yarn_alpha,
                          config.yarn_beta, config.yarn_attn_factor)
         self.register_buffer("prefix_table", _prefix_table(config))
+
+    def grads_in_place(self) -> list:
+        """From now on the embedding tables' lookups add their gradients into buffers
+        (``layers.embeddings.rows``, training_config.table_grads_in_place); returns the
+        (table, buffer) pairs for ``collect_table_grads``."""
+        self.embed_grad = torch.zeros_like(self.embed)
+        bigram = self.bigram.grads_in_place() if self.bigram is not None else []
+        return [(self.embed, self.embed_grad)] + self.value_embeds.grads_in_place() + bigram
 
     # -- decoding -----------------------------------------------------------------------------
 
@@ -269,7 +277,7 @@ class GPT(SpeedrunLM):
         pairs = round(c.head_dim // 2 * c.rope_fraction)
         rotary = rotary_tables(self.yarn.rotary_freqs[:pairs], 2 * inputs.numel())
         scale = self.yarn.attn_scale
-        x0 = norm(self.smear(F.embedding(inputs, self.embed)[None].to(dtype), inputs))
+        x0 = norm(self.smear(rows(self.embed, inputs, self.embed_grad)[None].to(dtype), inputs))
         value_embeds = self.value_embeds(inputs, dtype)
         bigram = self.bigram(inputs, dtype) if self.bigram is not None else torch.zeros_like(x0)
         gates = [self.gates(0, x0), None]

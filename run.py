@@ -238,6 +238,9 @@ def build_config(raw: dict, world_size: int = 1) -> RunConfig:
                           f"of {training.micro_batch_tokens}, each behind {context} tokens of "
                           "context (the model's reach at its largest windows): raise "
                           "BATCH_SIZE_MULTIPLE or lower val_chunk_tokens to the micro-batch")
+    if training.table_grads_in_place and model.architecture == "record55":
+        raise ConfigError("training_config.table_grads_in_place: record #55's model looks its "
+                          "tables up with autograd's own gradients; set it to false")
     if training.grad_clip_norm and world_size > 1:
         raise ConfigError("training_config.grad_clip_norm needs the whole gradient in one "
                           "place; with several processes each holds only its share of the "

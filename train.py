@@ -28,6 +28,7 @@ import averaging
 import checkpoints
 from data.loader import DataLoader, validation_pieces
 from distributed import World
+from layers.embeddings import collect_table_grads
 from layers.masks import document_ids
 from model import build_model, model_config
 from optimizers import build_optimizer
@@ -96,6 +97,8 @@ class TrainingConfig:
     save_model: bool  # the trained model at the end of every full run
     records_dir: str
     benchmark_steps: int  # timed steps per stage in --benchmark mode
+    # the embedding tables' gradients added in place, row by row (layers/embeddings.py)
+    table_grads_in_place: bool = False
 
     def __post_init__(self):
         if self.device not in ("cuda", "cpu"):
@@ -495,6 +498,7 @@ class TrainingManager:
         # Every rank seeds alike; rank 0's weights make sure that they all start the same.
         self.world.broadcast_tensors([p.detach() for p in self.model.parameters()])
         self.optimizer = build_optimizer(self.model, config.optimizer, self.world)
+        self.table_grads = self.model.grads_in_place() if self.tc.table_grads_in_place else []
         self.compiled = (torch.compile(self.model, dynamic=False, fullgraph=True)
                          if config.compile.enabled else self.model)
         dc, seq, micro = config.data, self.tc.max_seq_len, self.tc.micro_batch_tokens
@@ -575,6 +579,7 @@ class TrainingManager:
     def optimizer_step(self, adam=True):
         """The optimizer's step on the accumulated gradients; ``adam`` off steps the matrix
         group alone and keeps the Adam gradients for the next step (schedule.adam_every)."""
+        collect_table_grads(self.table_grads)
         self.model.tie.fold_grad()
         if self.tc.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip_norm)

@@ -108,6 +108,9 @@ training_config = dict(
     save_model=True,  # the trained model at the end of every full run
     records_dir="records",
     benchmark_steps=20,  # timed steps per stage in --benchmark mode
+    # the embedding tables' gradients added in place (layers/embeddings.py); off until its
+    # speed is measured on the GPU (README, Speed)
+    table_grads_in_place=False,
 )
 
 # The record's TRAINING_STAGES: each row takes its duration (share) of the scheduled

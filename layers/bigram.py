@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from layers.core import make_param
+from layers.embeddings import rows
 
 HASH_CURRENT, HASH_PREVIOUS = 36313, 27191
 
@@ -36,14 +37,21 @@ def sign_index(inputs: Tensor, rows: int) -> Tensor:
 
 
 class BigramEmbedding(nn.Module):
-    def __init__(self, rows: int, dim: int, sign_rows: int):
+    def __init__(self, num_rows: int, dim: int, sign_rows: int):
         super().__init__()
-        self.rows = rows
-        self.table = make_param(torch.zeros(rows, dim), "bigram_embed")
+        self.rows = num_rows
+        self.table = make_param(torch.zeros(num_rows, dim), "bigram_embed")
         # A fixed random +-1 vector per sign row, drawn from the run's seeded generator.
         self.register_buffer("signs", torch.randn(sign_rows, dim).sign())
+        self.register_buffer("table_grad", None, persistent=False)  # see grads_in_place
 
     def forward(self, inputs: Tensor, dtype: torch.dtype) -> Tensor:
-        rows = bigram_hash(inputs, self.rows)
+        looked_up = rows(self.table, bigram_hash(inputs, self.rows), self.table_grad)
         signs = self.signs[sign_index(inputs, self.signs.size(0))]
-        return (self.table[rows] * signs)[None].to(dtype)
+        return (looked_up * signs)[None].to(dtype)
+
+    def grads_in_place(self) -> list:
+        """Give the table a gradient buffer (``layers.embeddings.rows``); returns the (table,
+        buffer) pair in a list."""
+        self.table_grad = torch.zeros_like(self.table)
+        return [(self.table, self.table_grad)]

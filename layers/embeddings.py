@@ -1,5 +1,6 @@
 """What the model adds to the token stream besides the token embedding itself: value
-embeddings, the smear gate, and the tie of the token embedding to the lm_head."""
+embeddings, the smear gate, and the tie of the token embedding to the lm_head; and lookups
+whose gradients go straight into a table-sized buffer (``table_grads_in_place``)."""
 
 import torch
 import torch.nn.functional as F
@@ -7,6 +8,52 @@ from torch import Tensor, nn
 
 from data.shards import BOS_ID
 from layers.core import GATE_CHANNELS, gate_input, make_param
+
+# -- lookups with their gradient added in place -----------------------------------------------
+# Autograd gives an embedding table a dense, table-sized gradient every micro-batch (zeros plus
+# the looked-up rows) and then adds it to .grad: for record #89's tables (522M float32
+# parameters) about 8 GB of memory traffic a micro-batch for some 65K rows. With a buffer, the
+# backward pass adds the rows into it instead, and ``collect_table_grads`` hands the sum to the
+# tables' .grad once a step, before the optimizer.
+
+
+@torch.library.custom_op("speedrun::add_rows_", mutates_args=("buffer",))
+def add_rows_(buffer: Tensor, ids: Tensor, grad: Tensor) -> None:
+    buffer.index_add_(0, ids, grad.to(buffer.dtype))
+
+
+class _RowsIntoBuffer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table, ids, buffer):
+        ctx.save_for_backward(ids, buffer)
+        return F.embedding(ids, table)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ids, buffer = ctx.saved_tensors
+        add_rows_(buffer, ids.reshape(-1), grad.reshape(-1, grad.size(-1)))
+        return None, None, None
+
+
+def rows(table: Tensor, ids: Tensor, buffer: Tensor | None = None) -> Tensor:
+    """``table[ids]``; with a ``buffer`` of the table's shape the rows' gradient is added into
+    the buffer, and the table gets none from autograd."""
+    if buffer is None:
+        return F.embedding(ids, table)
+    return _RowsIntoBuffer.apply(table, ids, buffer)
+
+
+@torch.no_grad()
+def collect_table_grads(pairs) -> None:
+    """Add each buffer's gradient to its table's .grad (the optimizer reads it there; a
+    gradient kept for a later step, as Adam's between its steps, goes on summing) and zero the
+    buffer for the next step. ``pairs``: (table, buffer) for every table with a buffer."""
+    for table, buffer in pairs:
+        if table.grad is None:
+            table.grad = buffer.clone()
+        else:
+            table.grad.add_(buffer)
+        buffer.zero_()
 
 
 class ValueEmbeddings(nn.Module):
@@ -19,11 +66,20 @@ class ValueEmbeddings(nn.Module):
             [make_param(torch.randn(vocab, dim) * init_std if init_std else
                         torch.zeros(vocab, dim), "value_embed") for _ in layers_per_table])
         self.table_of = {layer: t for t, layers in enumerate(layers_per_table) for layer in layers}
+        for t in range(len(self.tables)):
+            self.register_buffer(f"grad_{t}", None, persistent=False)
 
     def forward(self, inputs: Tensor, dtype: torch.dtype) -> dict:
         """{layer: (1, T, dim) embedding} for every layer that takes one."""
-        looked_up = [F.embedding(inputs, table)[None].to(dtype) for table in self.tables]
+        looked_up = [rows(table, inputs, getattr(self, f"grad_{t}"))[None].to(dtype)
+                     for t, table in enumerate(self.tables)]
         return {layer: looked_up[t] for layer, t in self.table_of.items()}
+
+    def grads_in_place(self) -> list:
+        """Give every table a gradient buffer (``rows``); returns the (table, buffer) pairs."""
+        for t, table in enumerate(self.tables):
+            setattr(self, f"grad_{t}", torch.zeros_like(table))
+        return [(table, getattr(self, f"grad_{t}")) for t, table in enumerate(self.tables)]
 
 
 class SmearGate(nn.Module):

@@ -145,7 +145,11 @@ def optimize(method, world=None, rank=None):
 
 def two_rank_work(rank, port, config, folder):
     """Everything the in-process tests need from two ranks, in one spawn (start-up dominates):
-    STEPS fresh steps, a resume of the 1-rank checkpoint of step 3, the sharded optimizers."""
+    STEPS fresh steps, a resume of the 1-rank checkpoint of step 3, the sharded optimizers.
+    The two ranks add the tables' gradients in place (training_config.table_grads_in_place),
+    the one rank leaves them to autograd: the same sums."""
+    config = dict(config, training_config=dict(config["training_config"],
+                                               table_grads_in_place=True))
     world = join_world(rank, port)
     try:
         fresh = manager(config, world)
@@ -154,6 +158,7 @@ def two_rank_work(rank, port, config, folder):
         resumed = manager(config, world)
         resumed.load_checkpoint(folder / "one_rank_step3.pt")
         resumed_losses = [resumed.train_step().item() for _ in range(STEPS - 3)]
+        assert fresh.table_grads and resumed.table_grads
         # state_dict() gathers every rank's share of the matrix state: all ranks call it.
         result = dict(losses=losses, val_loss=val_loss, weights=weights(fresh),
                       optimizer=fresh.optimizer.state_dict(), resumed_losses=resumed_losses,

@@ -151,6 +151,36 @@ def test_one_compiled_graph_across_the_untie_windows_and_loss_weights(tiny_model
         compiled(x, y, None, weights).backward()
 
 
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_table_grads_in_place_equal_autograds(tiny_model_config, backend):
+    """Two micro-batches: the buffers' rows, collected, are the gradients autograd gives the
+    tables, and nothing else changes; under torch.compile the backward's in-place adds run
+    too (AOTAutograd traces them)."""
+    plain = make_model(tiny_model_config)
+    in_place = make_model(tiny_model_config)
+    pairs = in_place.grads_in_place()
+    assert [t for t, _ in pairs] == [in_place.embed, *in_place.value_embeds.tables,
+                                     in_place.bigram.table]
+    run_ = (torch.compile(in_place, backend=backend, fullgraph=True, dynamic=False) if backend
+            else in_place)
+    for seed in (3, 5):
+        x, y = tokens(64, doc_starts=(0, 20), seed=seed), tokens(64, seed=seed + 1)
+        plain(x, y).backward()
+        run_(x, y).backward()
+    assert all(table.grad is None for table, _ in pairs)  # autograd gave the tables nothing
+    assert all(buffer.abs().sum() > 0 for _, buffer in pairs)
+    from layers.embeddings import collect_table_grads
+
+    collect_table_grads(pairs)
+    assert all(not buffer.any() for _, buffer in pairs)  # zeroed for the next step
+    in_place.tie.fold_grad()
+    plain.tie.fold_grad()
+    for (name, p), q in zip(plain.named_parameters(), in_place.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_every_parameter_has_a_known_group(tiny_model_config):
     gpt = make_gpt(tiny_model_config)
     for name, p in gpt.named_parameters():

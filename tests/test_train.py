@@ -265,6 +265,31 @@ def test_resume_equals_uninterrupted(config, tmp_path, adam_every):
     assert losses_of(resumed, 9) == expected[5:]
 
 
+@pytest.mark.parametrize("adam_every", [1, 2])
+def test_table_grads_in_place_train_as_autograd(config, tmp_path, adam_every):
+    # 14 steps with the tables' gradients added in place against autograd's own: across the
+    # untie (6), the stages, Adam's gradients waiting a step (adam_every 2) and a resume from a
+    # checkpoint taken at 5. Only the order of the additions differs.
+    config["schedule"]["adam_every"] = adam_every
+    expected = losses_of(manager_for(config, tmp_path), 14)
+    config["training_config"]["table_grads_in_place"] = True
+    first = manager_for(config, tmp_path)
+    got = losses_of(first, 5)
+    path = first.save_checkpoint(tmp_path / "ckpt" / "mid.pt")
+    resumed = manager_for(config, tmp_path)
+    resumed.load_checkpoint(path)
+    got += losses_of(resumed, 9)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert any(table is resumed.model.bigram.table for table, _ in resumed.table_grads)
+
+
+def test_table_grads_in_place_refused_for_record55():
+    config = run.load_config(utils.REPO_ROOT / "config" / "record55.py")
+    config["training_config"]["table_grads_in_place"] = True
+    with pytest.raises(utils.ConfigError, match="table_grads_in_place"):
+        run.build_config(config)
+
+
 def test_warmup_restores_the_initial_state(config, tmp_path):
     plain = losses_of(manager_for(config, tmp_path), 8)
     warmed = manager_for(config, tmp_path)
