@@ -4,7 +4,7 @@ Every parameter carries ``.label`` and optionally ``.lr_mul`` / ``.wd_mul`` (def
 ``LABEL_GROUPS`` maps each label to one of three groups:
 
 * ``"adam"``: token embedding, lm_head and value embeddings, trained by Adam;
-* ``"matrix"``: the transformer blocks' weights, trained by NorMuon, BAM or ARO-Sinkhorn.
+* ``"matrix"``: the transformer blocks' weights, trained by NorMuon, BAM, ARO-Sinkhorn or ANVIL.
   A parameter with ndim >= 2 is a batch of matrices over its leading dims, so the merged QKVO
   weight (4, hdim, dim) is four matrices, each orthogonalised on its own; a parameter's
   ``.matrix_shape`` (rows, cols) cuts it into smaller ones (record #89's Q and K per head pair);
@@ -19,21 +19,23 @@ all-gathers the new weights; Adam's by all-reduce. In a world of one there is no
 optimizer_config keys, with the speedrun's values (config/base.py holds them):
 
 ==================  ==========================================================================
-matrix_optimizer    "normuon" | "bam" | "aro"                                       "normuon"
+matrix_optimizer    "normuon" | "bam" | "aro" | "anvil"                             "normuon"
 adam                lr, betas, eps, weight_decay of the "adam" group
                     0.008, (0.5, 0.95), 1e-10, 0.005
 scalar_adam         the same keys for the "scalar" group       0.008, (0.9, 0.99), 1e-10, 0.005
 normuon             lr, momentum, beta2, weight_decay                     0.023, 0.95, 0.9, 1.2
 bam                 lr, momentum, weight_decay                                0.023, 0.95, 1.2
 aro                 lr, momentum, weight_decay, sinkhorn_iters, rms     0.004, 0.95, 40, 5, 0.2
+anvil               lr, momentum, beta2, weight_decay, slow_beta, fast_beta, fast_weight,
+                    engage_step          0.023, 0.95, 0.9, 2.25, 0.98, 0.85, 0.4385, 514
 label_lr_mul        label -> lr multiplier (a missing label means 1.0)
 label_wd_mul        label -> weight-decay multiplier (a missing label means 1.0)
 label_betas         label -> Adam betas replacing its group's ``betas``
 ==================  ==========================================================================
 
 With f the trainer's schedule factor (``Optimizers.set_lr_factor``), a parameter's
-lr_eff = lr * f * label_lr_mul[label] * p.lr_mul (times max(1, rows/cols) ** 0.5 for NorMuon
-and BAM) and wd_eff = weight_decay * label_wd_mul[label] * p.wd_mul. Weight decay is cautious
+lr_eff = lr * f * label_lr_mul[label] * p.lr_mul (times max(1, rows/cols) ** 0.5 for NorMuon,
+BAM and ANVIL) and wd_eff = weight_decay * label_wd_mul[label] * p.wd_mul. Weight decay is cautious
 (applied only where the update and the weight agree in sign) and carries two lr factors, as in
 modded-nanogpt: Adam decays a weight by wd_eff * lr_eff ** 2, the matrix optimizers by
 wd_eff * (lr * f) * lr_eff. The matrix momentum is set by the trainer (``set_momentum``);
@@ -50,6 +52,13 @@ import torch
 from torch import Tensor, nn
 
 from distributed import World
+from updates import (
+    adam_step_,
+    compiled_adam_step_,
+    compiled_matrix_step_,
+    device_scalars,
+    matrix_step_,
+)
 from utils import ConfigError, build_section, check_ranges
 
 LABEL_GROUPS: dict[str, str] = {
@@ -66,9 +75,7 @@ LABEL_GROUPS: dict[str, str] = {
     "mudd": "scalar",
     "mudd_gate": "scalar",
 }
-MATRIX_OPTIMIZERS = ("normuon", "bam", "aro")
-# Smallest divisor for norms: small enough that any non-zero input keeps scale invariance.
-_TINY = 1e-30
+MATRIX_OPTIMIZERS = ("normuon", "bam", "aro", "anvil")
 
 
 # -----------------------------------------------------------------------------------------
@@ -107,20 +114,36 @@ class AroConfig:
     rms: float
 
 
+@dataclass(frozen=True)
+class AnvilConfig:
+    lr: float
+    momentum: float
+    beta2: float
+    weight_decay: float
+    slow_beta: float  # the slow rail's EMA
+    fast_beta: float  # the fast rail's EMA once engaged (before: the momentum)
+    fast_weight: float  # the fast rail's share of the blend once engaged (before: 1)
+    engage_step: int  # the schedule's step from which the rails blend
+
+
 def _build_hyperparameters(cls, name: str, values):
     """One optimizer's section, its keys, types and ranges checked."""
     config = build_section(cls, name, values)
     check_ranges(name, config,
                  positive=[k for k in ("eps", "sinkhorn_iters", "rms") if hasattr(config, k)],
-                 non_negative=("lr", "weight_decay"),
-                 below_one=[k for k in ("momentum", "beta2") if hasattr(config, k)])
+                 non_negative=[k for k in ("lr", "weight_decay", "engage_step")
+                               if hasattr(config, k)],
+                 below_one=[k for k in ("momentum", "beta2", "slow_beta", "fast_beta")
+                            if hasattr(config, k)],
+                 fractions=[k for k in ("fast_weight",) if hasattr(config, k)])
     betas = getattr(config, "betas", (0.0, 0.0))
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"{name}.betas must be two numbers in [0, 1), got {betas}")
     return config
 
 
-_MATRIX_CONFIGS = {"normuon": NorMuonConfig, "bam": BamConfig, "aro": AroConfig}
+_MATRIX_CONFIGS = {"normuon": NorMuonConfig, "bam": BamConfig, "aro": AroConfig,
+                   "anvil": AnvilConfig}
 
 
 @dataclass(frozen=True)
@@ -130,7 +153,7 @@ class OptimizerConfig:
     matrix_optimizer: str
     adam: AdamConfig
     scalar_adam: AdamConfig
-    matrix: NorMuonConfig | BamConfig | AroConfig  # the chosen one's section
+    matrix: NorMuonConfig | BamConfig | AroConfig | AnvilConfig  # the chosen one's section
     label_lr_mul: dict
     label_wd_mul: dict
     label_betas: dict
@@ -171,222 +194,6 @@ class OptimizerConfig:
                    _build_hyperparameters(_MATRIX_CONFIGS[method], f"{name}.{method}",
                                           values[method]),
                    **labels)
-
-
-# -----------------------------------------------------------------------------------------
-# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932)
-
-# The paper's greedy schedule of five odd quintics for singular values in [1e-3, 1] (safety
-# 2e-2, cushion 0.02): the values modded-nanogpt uses. Hard-coded so every machine runs
-# bit-identical constants; tests/test_optimizers.py rebuilds them from the paper's
-# construction.
-POLAR_EXPRESS_COEFFS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
-
-
-def polar_express(G: Tensor) -> Tensor:
-    """Approximate the polar factor U V^T of every matrix in G (..., m, n), in bf16 (the
-    speedrun's choice)."""
-    tall = G.size(-2) > G.size(-1)
-    X = G.mT if tall else G
-    batch = X.shape[:-2]
-    X = X.reshape(-1, *X.shape[-2:])  # (K, m, n): baddbmm's shape
-    # The Frobenius norm bounds the spectral norm; 1.02 leaves headroom for bf16 rounding.
-    X = (X / (X.float().norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-7)).bfloat16()
-    for a, b, c in POLAR_EXPRESS_COEFFS:
-        A = X @ X.mT  # Gram matrix on the smaller side, hence the transpose of tall inputs
-        # b A + c A A, then a X + B X: the scaled sums run in the matmuls' epilogues
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
-    X = X.view(*batch, *X.shape[-2:])
-    return X.mT if tall else X
-
-
-# -----------------------------------------------------------------------------------------
-# Per-shape-group update directions. Each takes a stack (K, rows, cols) of fp32 momenta and
-# works on all K matrices at once, so torch.compile can wrap it later.
-
-
-def _normalize(X: Tensor, dim: int, target: float = 1.0) -> Tensor:
-    return X * (target / X.norm(dim=dim, keepdim=True).clamp_min(_TINY))
-
-
-def normuon_direction(M: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
-    """Polar Express, then NorMuon's neuron-wise variance normalisation (arXiv:2510.05491).
-
-    ``second_moment`` (updated in place) holds an EMA of the mean square of the orthogonalised
-    update, one value per index of the larger dimension; the normalised update is rescaled to
-    the Frobenius norm it had before.
-    """
-    ortho = polar_express(M).float()
-    reduce_dim = -1 if ortho.size(-2) >= ortho.size(-1) else -2
-    mean_sq = ortho.square().mean(dim=reduce_dim, keepdim=True)
-    second_moment.lerp_(mean_sq, 1 - beta2)
-    scale = second_moment.clamp_min(1e-10).rsqrt()
-    # ||ortho||^2 and ||ortho * scale||^2 both follow from mean_sq, saving a pass over ortho.
-    before = mean_sq.sum(dim=(-2, -1), keepdim=True)
-    after = (mean_sq * scale.square()).sum(dim=(-2, -1), keepdim=True)
-    return ortho * (scale * (before / after.clamp_min(_TINY)).sqrt())
-
-
-def sink_norm(M: Tensor) -> Tensor:
-    """BAM's single SinkNorm pass: L2-normalise rows then columns (columns then rows if wide).
-
-    The side normalised last has the fewer vectors, so the result has the Frobenius norm
-    sqrt(min(rows, cols)) of a semi-orthogonal matrix.
-    """
-    if M.size(-2) > M.size(-1):
-        return _normalize(_normalize(M, -1), -2)
-    return _normalize(_normalize(M, -2), -1)
-
-
-def sr_sinkhorn(X: Tensor, iters: int) -> Tensor:
-    """SR-Sinkhorn: alternately scale rows to norm sqrt(n) and columns to norm sqrt(m)."""
-    m, n = X.shape[-2:]
-    for _ in range(iters):
-        X = _normalize(X, -1, math.sqrt(n))
-        X = _normalize(X, -2, math.sqrt(m))
-    return X
-
-
-def qr_orthonormal(A: Tensor) -> Tensor:
-    """The Q of A = QR for a batch of square matrices.
-
-    CholeskyQR2 in float64 (Q = A chol(A^T A)^-T, twice) is a handful of batched kernels,
-    where cuSOLVER's Householder QR runs one matrix at a time. It is the same factorisation up
-    to column signs, which ARO's update ignores.
-    Rank-deficient or very ill-conditioned inputs fall back to Householder.
-    """
-    Q = A.double()
-    for _ in range(2):
-        L, _ = torch.linalg.cholesky_ex(Q.mT @ Q)
-        Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
-    eye = torch.eye(A.size(-1), dtype=Q.dtype, device=Q.device)
-    # One host sync; a failed Cholesky leaves NaNs or a non-orthonormal Q, caught here.
-    if (Q.mT @ Q - eye).abs().amax() < 1e-6:
-        return Q.to(A.dtype)
-    return torch.linalg.qr(A).Q
-
-
-def aro_direction(M: Tensor, rotation: Tensor, iters: int, rms: float) -> tuple[Tensor, Tensor]:
-    """ARO with a Sinkhorn base step (Gong et al. 2026, arXiv:2602.09006).
-
-    R <- QR(M f(R^T M)^T), update = R f(R^T M) with f = SR-Sinkhorn, rescaled to RMS ``rms``.
-    The rotation acts on the smaller side (tall inputs are transposed), so ``rotation`` is
-    (K, s, s) with s = min(rows, cols). Returns the update and the new rotation. Every step
-    is invariant to the scale of M.
-    """
-    tall = M.size(-2) > M.size(-1)
-    if tall:
-        M = M.mT
-    base = sr_sinkhorn(rotation.mT @ M, iters)
-    rotation = qr_orthonormal(M @ base.mT)
-    U = rotation @ sr_sinkhorn(rotation.mT @ M, iters)
-    m, n = M.shape[-2:]
-    U = _normalize(U, (-2, -1), rms * math.sqrt(m * n))
-    return (U.mT if tall else U), rotation
-
-
-def cautious_update(P: Tensor, U: Tensor, lr: Tensor | float, decay: Tensor | float) -> Tensor:
-    """P - lr U, decaying P by ``decay`` only where U and P agree in sign.
-
-    ``>= 0`` follows modded-nanogpt's NorMuon: a zero update still lets the weight decay.
-    """
-    mask = (U * P) >= 0
-    return P - lr * U - decay * P * mask
-
-
-def adam_update_(
-    p: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    betas: tuple[float, float],
-    eps: float,
-    step_size: Tensor | float,
-    decay: Tensor | float,
-) -> None:
-    """One Adam step on ``p`` and its fp32 moments, all in place.
-
-    ``step_size`` carries the lr and both bias corrections. Weight decay is decoupled and
-    cautious; ``> 0`` follows modded-nanogpt's Adam.
-    """
-    beta1, beta2 = betas
-    g = grad.float()
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    update = exp_avg.div(exp_avg_sq.sqrt().add_(eps)).mul_(step_size)
-    update.add_(p * ((update * p) > 0) * decay)
-    p.sub_(update)
-
-
-def adam_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-               exp_avg_sqs: list[Tensor], betas: list[tuple[float, float]], eps: float,
-               step_sizes: Tensor | list[float], decays: Tensor | list[float]) -> None:
-    """``adam_update_`` on each parameter of a list, with its betas, step size and decay."""
-    for i, p in enumerate(params):
-        adam_update_(p, grads[i], exp_avgs[i], exp_avg_sqs[i], betas[i], eps, step_sizes[i],
-                     decays[i])
-
-
-def matrix_update(M: Tensor, weights: Tensor, state: dict, method: str, hp: dict, lr: Tensor,
-                  decay: Tensor) -> Tensor:
-    """New weights from the Nesterov momentum ``M``: the method's direction, then the cautious
-    update; ``state`` is updated in place (ARO's rotation is replaced in the dict)."""
-    if method == "normuon":
-        U = normuon_direction(M, state["second_moment"], hp["beta2"])
-    elif method == "bam":
-        U = sink_norm(M)
-    else:
-        U, state["rotation"] = aro_direction(M, state["rotation"], hp["sinkhorn_iters"],
-                                             hp["rms"])
-    return cautious_update(weights, U, lr, decay)
-
-
-def matrix_step_(weights: list[Tensor], grads: list[Tensor], state: dict[str, list[Tensor]],
-                 method: str, hp: dict, momentum: Tensor | float, lr_scale: Tensor | float,
-                 decay_scale: Tensor | float, lr_mul: Tensor, wd_mul: Tensor) -> None:
-    """One step of a shape group's matrices, all in place.
-
-    ``weights``, ``grads`` and each list of ``state`` hold the same run of matrices in pieces
-    of shape (k, rows, cols) (the group's parameters, or this rank's share of them); they are
-    stacked here, where under torch.compile the stacking and the writes back fuse into the
-    update's kernels. Nesterov momentum in fp32, as in the speedrun; a matrix's lr is
-    lr_mul * lr_scale and its decay wd_mul * decay_scale * lr ((K, 1, 1) columns).
-    """
-    stacked = {key: torch.cat(pieces) for key, pieces in state.items()}
-    G = torch.cat(grads).float()
-    buf = stacked["momentum_buffer"]
-    buf.lerp_(G, 1 - momentum)
-    M = G.lerp(buf, momentum)
-    lr = lr_mul * lr_scale
-    new = matrix_update(M, torch.cat(weights).float(), stacked, method, hp, lr,
-                        wd_mul * decay_scale * lr)
-    for key, pieces in state.items():
-        _write_pieces_(pieces, stacked[key])
-    _write_pieces_(weights, new)
-
-
-def _write_pieces_(pieces: list[Tensor], stacked: Tensor) -> None:
-    for piece, part in zip(pieces, stacked.split([p.size(0) for p in pieces]), strict=True):
-        piece.copy_(part)
-
-
-# On CUDA the updates run compiled: a few fused kernels where eager PyTorch launches dozens
-# over the same tensors. Values that change every step come in as device tensors
-# (``_device_scalars``), so the graphs compile once (in the trainer's warm-up).
-_compiled_adam_step_ = torch.compile(adam_step_, fullgraph=True, dynamic=False)
-_compiled_matrix_step_ = torch.compile(matrix_step_, fullgraph=True, dynamic=False)
-
-
-def _device_scalars(values: list[float], device: torch.device) -> Tensor:
-    """float32 values on ``device``, copied from pinned memory without a host sync."""
-    return torch.tensor(values, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
 
 
 # -----------------------------------------------------------------------------------------
@@ -444,8 +251,8 @@ class _AdamGroup:
             part = entries[lo:hi]
             sizes, decay, update = step_sizes[lo:hi], decays[lo:hi], adam_step_
             if cuda:
-                values = _device_scalars(sizes + decay, part[0].param.device)
-                sizes, decay, update = values[: hi - lo], values[hi - lo:], _compiled_adam_step_
+                values = device_scalars(sizes + decay, part[0].param.device)
+                sizes, decay, update = values[: hi - lo], values[hi - lo:], compiled_adam_step_
             update([e.param for e in part], [e.param.grad for e in part],
                    [e.state["exp_avg"] for e in part], [e.state["exp_avg_sq"] for e in part],
                    betas[lo:hi], self.hp["eps"], sizes, decay)
@@ -514,7 +321,7 @@ class _StackStep:
                 torch.cat(self.grads).float(), stack.per_rank)
             self.grads = [reduced[: stack.hi - stack.lo]]  # the padding is not stepped
 
-    def update(self, lr_factor: float, momentum: float) -> None:
+    def update(self, lr_factor: float, momentum: float, step: int) -> None:
         stack = self.stack
         if self.work is not None:
             self.work.wait()
@@ -522,7 +329,7 @@ class _StackStep:
             state = {key: stack.pieces_of([e.state[key] for e in stack.entries])
                      for key in stack.entries[0].state}
             self.group.update(stack, stack.pieces_of(stack.views), self.grads, state,
-                              lr_factor, momentum)
+                              lr_factor, momentum, step)
         if stack.world.distributed:
             self.new, self.work = stack.world.start_all_gather(stack.share(stack.views),
                                                                stack.per_rank)
@@ -552,7 +359,9 @@ class _MatrixGroup:
         k = p.numel() // (rows * cols)
         f32 = dict(dtype=torch.float32, device=p.device)
         state = dict(momentum_buffer=torch.zeros(k, rows, cols, **f32))
-        if self.method == "normuon":
+        if self.method == "anvil":
+            state["slow_buffer"] = torch.zeros(k, rows, cols, **f32)
+        if self.method in ("normuon", "anvil"):
             shape = (k, rows, 1) if rows >= cols else (k, 1, cols)
             state["second_moment"] = torch.zeros(shape, **f32)
         elif self.method == "aro":
@@ -602,20 +411,24 @@ class _MatrixGroup:
         return self._multipliers[key]
 
     def update(self, stack: _Stack, weights: list[Tensor], grads: list[Tensor],
-               state: dict[str, list[Tensor]], lr_factor: float, momentum: float) -> None:
+               state: dict[str, list[Tensor]], lr_factor: float, momentum: float,
+               step: int) -> None:
         """Step this rank's share of the stack in place: ``weights``, ``grads`` and ``state``
-        are its pieces (``matrix_step_``)."""
+        are its pieces (``matrix_step_``); ``step`` is the schedule's (ANVIL's engage)."""
         lr_mul, wd_mul = self._per_matrix_multipliers(stack.entries, stack.counts)
         lr_mul, wd_mul = lr_mul[stack.lo:stack.hi], wd_mul[stack.lo:stack.hi]
         group_lr = self.hp["lr"] * lr_factor
         shape_factor = 1.0 if self.method == "aro" else max(1.0, stack.rows / stack.cols) ** 0.5
         scalars = [momentum, group_lr * shape_factor, self.hp["weight_decay"] * group_lr]
-        step = matrix_step_
+        rails = [momentum, 1.0]
+        if self.method == "anvil" and step >= self.hp["engage_step"]:
+            rails = [self.hp["fast_beta"], self.hp["fast_weight"]]
+        run = matrix_step_
         # ARO stays eager: its QR checks its result on the host (qr_orthonormal).
         if lr_mul.is_cuda and self.method != "aro":
-            step = _compiled_matrix_step_
-            scalars = _device_scalars(scalars, lr_mul.device).unbind()
-        step(weights, grads, state, self.method, self.hp, *scalars, lr_mul, wd_mul)
+            run = compiled_matrix_step_
+            scalars, rails = device_scalars(scalars + rails, lr_mul.device).split([3, 2])
+        run(weights, grads, state, self.method, self.hp, *scalars, lr_mul, wd_mul, *rails)
 
 
 # -----------------------------------------------------------------------------------------
@@ -663,6 +476,7 @@ class Optimizers:
         self._by_id: dict[int, _Entry] = {}
         self.lr_factor = 1.0
         self.momentum = float(config.matrix.momentum)
+        self.schedule_step = 0  # the trainer's step (set_step)
         self.frozen_scalar_steps = 0
         for item in named_params:
             # A bare tensor would unpack along its first dim: insist on (name, param) pairs.
@@ -715,7 +529,7 @@ class Optimizers:
         stack_steps = self._groups["matrix"].start()
         reductions = self._all_reduce_adam_grads() if adam else []
         for stack_step in stack_steps:
-            stack_step.update(self.lr_factor, self.momentum)
+            stack_step.update(self.lr_factor, self.momentum, self.schedule_step)
         for work in reductions:
             work.wait()
         if adam:
@@ -752,6 +566,10 @@ class Optimizers:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = float(momentum)
+
+    def set_step(self, step: int) -> None:
+        """The schedule's step of the next update: ANVIL's rails blend from its engage_step."""
+        self.schedule_step = int(step)
 
     def freeze_scalars(self, n_steps: int) -> None:
         """Leave the scalar group untouched for the next ``n_steps`` calls to step().

@@ -548,6 +548,7 @@ class TrainingManager:
             self.optimizer.freeze_scalars(self.schedule.config.freeze_scalars_steps)
         self.optimizer.set_lr_factor(plan.lr_factor)
         self.optimizer.set_momentum(plan.momentum)
+        self.optimizer.set_step(plan.step)
         mtp = plan.mtp_weights + (0.0,) * (self.schedule.mtp_width - len(plan.mtp_weights))
         self.loss_weights.copy_(torch.tensor([*mtp, plan.prefix_weight]), non_blocking=True)
 

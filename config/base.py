@@ -65,7 +65,7 @@ model_config = dict(
 # Effective lr = group lr * schedule factor * label_lr_mul[label] * param.lr_mul; see
 # optimizers.py for how weight decay is scaled.
 optimizer_config = dict(
-    matrix_optimizer="normuon",  # normuon | bam | aro
+    matrix_optimizer="normuon",  # normuon | bam | aro | anvil
     adam=dict(lr=0.008, betas=(0.5, 0.95), eps=1e-10, weight_decay=0.005),
     scalar_adam=dict(lr=0.008, betas=(0.9, 0.99), eps=1e-10, weight_decay=0.005),
     normuon=dict(lr=0.023, momentum=0.95, beta2=0.9, weight_decay=1.2),
@@ -76,6 +76,11 @@ optimizer_config = dict(
     # per-entry step at width 768, and weight_decay 40 its per-step decay
     # (40 * 0.004**2 ~ 1.2 * 0.023**2). Untuned.
     aro=dict(lr=0.004, momentum=0.95, weight_decay=40.0, sinkhorn_iters=5, rms=0.2),
+    # record #92's ANVIL: its lr and decay; the rails blend from its step 514 of 1194 (the
+    # schedule's momentum, 0.85 to 0.95 here, stays the trainer's: the record's runs 0.85 to
+    # 0.93 over 240 steps)
+    anvil=dict(lr=0.023, momentum=0.95, beta2=0.9, weight_decay=2.25, slow_beta=0.98,
+               fast_beta=0.85, fast_weight=0.4385, engage_step=514),
     label_lr_mul=dict(embed=1.0, lm_head=1.0, value_embed=75.0, bigram_embed=75.0, attn=1.0,
                       mlp=1.0, scalar=5.0, resid_lambda=5.0, post_lambda=1.0, gate=1.0,
                       mudd=0.25, mudd_gate=0.1),

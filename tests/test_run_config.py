@@ -137,12 +137,14 @@ def test_override_errors(config_path, key, text, message):
     (["--early_stop_steps", "0"], "early_stop_steps must be > 0, got 0"),
     (["--seed", "-3"], "seed must be >= 0, got -3"),
     (["--val_loss_every", "-5"], "val_loss_every must be >= 0"),
-    (["--lr", "0.1"], "ambiguous config key 'lr': it exists in 5 places; use one of: "
-                      "optimizer_config.adam.lr, optimizer_config.aro.lr, "
+    (["--lr", "0.1"], "ambiguous config key 'lr': it exists in 6 places; use one of: "
+                      "optimizer_config.adam.lr, optimizer_config.anvil.lr, "
+                      "optimizer_config.aro.lr, "
                       "optimizer_config.bam.lr, optimizer_config.normuon.lr, "
                       "optimizer_config.scalar_adam.lr"),
     (["--adam.lr", "-0.1"], "optimizer_config.adam: lr must be >= 0, got -0.1"),
     (["--normuon.beta2", "1.5"], "optimizer_config.normuon: beta2 must be in \\[0, 1\\)"),
+    (["--anvil.fast_weight", "1.5"], "optimizer_config.anvil: fast_weight must be in \\[0, 1\\]"),
     (["--scalar_adam.betas", "(0.9, 2)"], "scalar_adam.betas must be two numbers in \\[0, 1\\)"),
     (["--num_scheduled_iterations", "0"], "schedule: num_scheduled_iterations must be > 0"),
     (["--cooldown_frac", "1.5"], "schedule: cooldown_frac must be in \\[0, 1\\]"),
