@@ -238,6 +238,11 @@ def build_config(raw: dict, world_size: int = 1) -> RunConfig:
                           f"of {training.micro_batch_tokens}, each behind {context} tokens of "
                           "context (the model's reach at its largest windows): raise "
                           "BATCH_SIZE_MULTIPLE or lower val_chunk_tokens to the micro-batch")
+    averages = [k for k in ("tail_average_window", "bank_blend_window")
+                if getattr(schedule.config, k)]
+    if averages and model.architecture == "record55":
+        raise ConfigError(f"schedule.{averages[0]}: record #55's model has no Q/K, V/O and MLP "
+                          "groups to average (averaging.py); set it to 0")
     if training.table_grads_in_place and model.architecture == "record55":
         raise ConfigError("training_config.table_grads_in_place: record #55's model looks its "
                           "tables up with autograd's own gradients; set it to false")

@@ -192,21 +192,31 @@ class ScheduleConfig:
     freeze_scalars_steps: int  # the scalar Adam holds still this long when a stage begins
     adam_every: int  # Adam steps on every n-th step, with the gradients of the n summed
     # defaults: configs saved in checkpoints and models before these keys still load
-    tail_ema_window: int = 0  # averaging.py: the last steps averaged (0: off)
+    tail_ema_window: int = 0  # averaging.py: lm_head and embed, the last steps (0: off)
     tail_ema_blend: float = 0.65  # the share of the average in the final weights
+    tail_average_window: int = 0  # averaging.py: V/O, MLP, value embeddings (record: 250)
+    bank_blend_window: int = 0  # averaging.py: Q/K, V/O, MLP blended (record: 298)
+    bank_blend: float = 0.55  # the bank blend's share of its average
+    bank_blend_correction: float = 0.2007  # less this where the tail average shipped first
 
     def __post_init__(self):
         check_ranges("schedule", self,
                      positive=("num_scheduled_iterations", "adam_every"),
                      non_negative=("num_extension_iterations", "warmup_steps", "final_lr_ratio",
                                    "momentum_warmup_steps", "momentum_cooldown_steps",
-                                   "freeze_scalars_steps", "tail_ema_window"),
-                     fractions=("cooldown_frac", "split_frac", "tail_ema_blend"),
+                                   "freeze_scalars_steps", "tail_ema_window",
+                                   "tail_average_window", "bank_blend_window"),
+                     fractions=("cooldown_frac", "split_frac", "tail_ema_blend", "bank_blend",
+                                "bank_blend_correction"),
                      below_one=("momentum_start", "momentum_peak", "momentum_end"))
         total = self.num_scheduled_iterations + self.num_extension_iterations
-        if self.tail_ema_window > total:
-            raise ConfigError(f"schedule.tail_ema_window={self.tail_ema_window} is longer than "
-                              f"the run's {total} steps")
+        for key in ("tail_ema_window", "tail_average_window", "bank_blend_window"):
+            if getattr(self, key) > total:
+                raise ConfigError(f"schedule.{key}={getattr(self, key)} is longer than the "
+                                  f"run's {total} steps")
+        if self.bank_blend_correction > self.bank_blend:
+            raise ConfigError(f"schedule.bank_blend_correction ({self.bank_blend_correction}) "
+                              f"must not exceed bank_blend ({self.bank_blend})")
         if self.tail_ema_window and self.adam_every != 2:
             raise ConfigError("schedule.tail_ema_window needs adam_every=2: the average follows "
                               "record #92's cadence, Adam moving the lm_head and the embedding "
@@ -528,11 +538,10 @@ class TrainingManager:
         self.train_time = 0.0  # seconds of training, validation and compile excluded
         self.history = []  # (step, train time, val loss)
         sc = self.schedule.config
-        self.tail_ema = None
-        if sc.tail_ema_window:
-            params = {name: getattr(self.model, name) for name in averaging.PARAMETERS}
-            self.tail_ema = averaging.TailEMA(params, sc.tail_ema_window, sc.tail_ema_blend,
-                                              self.schedule.total)
+        self.tail_ships = None
+        if sc.tail_ema_window or sc.tail_average_window or sc.bank_blend_window:
+            self.tail_ships = averaging.TailShips(averaging.model_groups(self.model), sc,
+                                                  self.schedule.total)
 
     # -- the schedule -------------------------------------------------------------------------
 
@@ -655,7 +664,7 @@ class TrainingManager:
                 "history": self.history, "model": self.model.state_dict(),
                 "gradients": pending, "optimizer": self.optimizer.state_dict(),
                 "loader": self.train_loader.state_dict(), "rng": checkpoints.rng_state(),
-                "tail_ema": self.tail_ema.state_dict() if self.tail_ema is not None else {},
+                "tail_ema": self.tail_ships.state_dict() if self.tail_ships is not None else {},
                 "config": self.config.raw}
 
     def save_checkpoint(self, path):
@@ -702,8 +711,8 @@ class TrainingManager:
         self.step, self.train_time = state["step"], state["train_time"]
         self.run_id = state["run_id"]
         self.history = [tuple(entry) for entry in state["history"]]
-        if self.tail_ema is not None:
-            self.tail_ema.load_state_dict(state.get("tail_ema", {}))
+        if self.tail_ships is not None:
+            self.tail_ships.load_state_dict(state.get("tail_ema", {}))
 
     def save_model(self, val_loss):
         """The trained weights and the run's config, for sample.py and evaluate.py
@@ -747,8 +756,8 @@ class TrainingManager:
                         raise TrainingError(f"loss is {loss} at step {self.step}: training "
                                             f"stopped (log kept at {self.logger.path})")
                     self.log_step(loss, step_time)
-                    if self.tail_ema is not None:
-                        self.tail_ema.tick(self.step - 1)
+                    if self.tail_ships is not None:
+                        self.tail_ships.tick(self.step - 1)
                     if self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0:
                         log(f"checkpoint written: {self.write_checkpoint()}")
                     if (every and self.step % every == 0 and self.step < stop
@@ -762,10 +771,9 @@ class TrainingManager:
                 raise
             if signals.received is not None:
                 self.stop_on_signal(signals.received)
-            if self.tail_ema is not None and self.step == self.schedule.total:
-                shipped = self.tail_ema.ship()
-                log(f"tail EMA of {', '.join(shipped)} over the last "
-                    f"{self.tail_ema.window} steps blended in ({self.tail_ema.blend})")
+            if self.tail_ships is not None and self.step == self.schedule.total:
+                shipped = self.tail_ships.ship()
+                log(f"tail averages shipped into the weights: {', '.join(shipped) or 'none'}")
             self.model.yarn.set_windows(self.schedule.validation_windows, yarn=False)
             val_loss = self.validate()
             self.log_validation(val_loss)

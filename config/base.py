@@ -156,6 +156,11 @@ schedule = dict(
     # 0.65 there): off until measured on this recipe
     tail_ema_window=0,
     tail_ema_blend=0.65,
+    # record #92's other ships (averaging.py): its windows are 250 and 298 of 1194 steps
+    tail_average_window=0,
+    bank_blend_window=0,
+    bank_blend=0.55,
+    bank_blend_correction=0.2007,
 )
 
 data_config = dict(
