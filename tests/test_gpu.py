@@ -141,15 +141,18 @@ def test_float8_mlp_on_gpu(compiled):
         assert 1e-3 < error < 0.1, name
 
 
-def test_compiled_optimizer_steps_match_eager_and_compile_once(tiny_model_config):
+@pytest.mark.parametrize("method", ["normuon", "anvil"])
+def test_compiled_optimizer_steps_match_eager_and_compile_once(tiny_model_config, method):
     """On CUDA the Adam and matrix updates run compiled, with the per-step values as device
-    tensors: the same steps as the eager CPU path, and no recompile as lr and momentum move."""
+    tensors: the same steps as the eager CPU path, and no recompile as lr and momentum move
+    (nor as ANVIL's rails engage, at the third step here)."""
     import run
     from optimizers import OptimizerConfig, build_optimizer
     from utils import REPO_ROOT
 
-    config = OptimizerConfig.from_dict(
-        run.load_config(REPO_ROOT / "config" / "base.py")["optimizer_config"])
+    config = OptimizerConfig.from_dict(dict(
+        run.load_config(REPO_ROOT / "config" / "base.py")["optimizer_config"],
+        matrix_optimizer=method))
     torch.manual_seed(0)
     cpu = make_gpt(tiny_model_config)
     gpu = make_gpt(tiny_model_config).cuda()  # not deepcopy: it drops the parameters' labels
@@ -163,6 +166,7 @@ def test_compiled_optimizer_steps_match_eager_and_compile_once(tiny_model_config
                 p.grad = grads[name].to(p.device)
             opt.set_lr_factor(1.0 - 0.1 * step)
             opt.set_momentum(0.85 + 0.02 * step)
+            opt.set_step(0 if step < 2 else 600)
             with torch._dynamo.config.patch(error_on_recompile=step >= 1):
                 opt.step()
     # measured against how far the steps moved each parameter; Polar Express runs in bf16,
@@ -171,6 +175,32 @@ def test_compiled_optimizer_steps_match_eager_and_compile_once(tiny_model_config
                                          strict=True):
         error = ((p_gpu.cpu() - p_cpu).norm() / (p_cpu - p_0).norm()).item()
         assert error < 0.05, (name, error)
+
+
+def test_table_grads_in_place_compiled_on_gpu(tiny_model_config):
+    """training_config.table_grads_in_place under inductor on the GPU: the tables' gradients
+    (added into buffers by the lookups' backward) are autograd's, and so are the others'."""
+    from layers.embeddings import collect_table_grads
+
+    config = dict(tiny_model_config, block_size=128, model_dim=128, num_heads=2, head_dim=64)
+    torch.manual_seed(0)
+    plain = make_gpt(config).cuda()
+    in_place = copy.deepcopy(plain)
+    pairs = in_place.grads_in_place()
+    for model in (plain, in_place):
+        model.yarn.set_windows((2, 5))
+    x, y = packed_tokens(4096)
+    x, y = x.cuda(), y.cuda()
+    for model in (plain, in_place):
+        run = torch.compile(model, dynamic=False, fullgraph=True)
+        for _ in range(2):
+            run(x, y, document_ids(x)).backward()
+    assert all(table.grad is None for table, _ in pairs)
+    collect_table_grads(pairs)
+    for (name, p), q in zip(plain.named_parameters(), in_place.parameters(), strict=True):
+        if p.grad is not None:
+            error = ((q.grad - p.grad).norm() / p.grad.norm().clamp_min(1e-12)).item()
+            assert error < 1e-2, (name, error)
 
 
 def record89_gradients_on_gpu(dtype, monkeypatch):
