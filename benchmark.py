@@ -11,6 +11,7 @@ batches but is not a training run: no validation, no record. Under torchrun ever
 and rank 0 reports: tokens/s count all ranks' tokens, MFU is per GPU.
 """
 
+import gzip
 import json
 import statistics
 import time
@@ -87,7 +88,33 @@ def profile_last_stage(manager, steps=3, rows=25):
     path = manager.logger.path.with_name(manager.logger.path.stem + "_trace.json.gz")
     if manager.world.is_main:
         prof.export_chrome_trace(str(path))
+        with gzip.open(path, "rt") as f:
+            busy = device_busy(json.load(f)["traceEvents"])
+        if busy is not None:
+            wall, active = busy
+            table += (f"\ndevice busy {active / wall:.1%} of the {wall:,.1f} ms from the first "
+                      f"kernel to the last ({wall - active:,.1f} ms idle between kernels)")
     return table, path
+
+
+def device_busy(events) -> tuple[float, float] | None:
+    """(wall, busy) milliseconds of a Chrome trace's device activity: from the first kernel
+    (or copy) to the end of the last, and the union of their intervals; None without any."""
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy",
+                                                               "gpu_memset"))
+    if not spans:
+        return None
+    busy, (start, end) = 0.0, spans[0]
+    first = start
+    for lo, hi in spans[1:]:
+        if lo > end:
+            busy += end - start
+            start, end = lo, hi
+        else:
+            end = max(end, hi)
+    busy += end - start
+    return (end - first) / 1000, busy / 1000
 
 
 def run_benchmark(manager, profile=False):

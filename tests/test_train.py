@@ -603,6 +603,18 @@ def test_summary_over_several_folders_and_one_attempt(tmp_path, capsys):
     assert summary.main([str(tmp_path / "nothing_here")]) == 2
 
 
+def test_device_busy_is_the_union_of_kernel_intervals():
+    from benchmark import device_busy
+
+    events = [{"ph": "X", "cat": "kernel", "ts": 0, "dur": 10},
+              {"ph": "X", "cat": "kernel", "ts": 5, "dur": 10},  # overlaps the first
+              {"ph": "X", "cat": "gpu_memcpy", "ts": 100, "dur": 10},
+              {"ph": "X", "cat": "cpu_op", "ts": 20, "dur": 500},  # the host's: not counted
+              {"ph": "X", "cat": "kernel", "ts": 2000, "dur": 10}]
+    assert device_busy(events) == pytest.approx((2.01, 0.035))
+    assert device_busy(events[3:4]) is None
+
+
 def test_benchmark_mode_reports_every_stage(config, tmp_path):
     import benchmark
 
