@@ -515,7 +515,8 @@ class TrainingManager:
         ranks = dict(rank=self.world.rank, world_size=self.world.world_size,
                      vocab_size=config.model.vocab_size)
         self.train_loader = DataLoader(repo_path(dc.train_pattern), micro, seq,
-                                       device=torch_device, prefetch=dc.prefetch, **ranks)
+                                       lookahead=dc.packing_lookahead, device=torch_device,
+                                       prefetch=dc.prefetch, **ranks)
         self.val_pieces, self.val_tokens = validation_pieces(
             repo_path(dc.val_pattern), self.tc.val_tokens, self.tc.val_chunk_tokens, micro,
             validation_context(config.model, self.schedule), device=torch_device, **ranks)

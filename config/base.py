@@ -168,6 +168,9 @@ data_config = dict(
     val_pattern="data/fineweb10B/fineweb_val_*.bin",
     num_train_shards=8,  # downloaded on first run when the default folder is empty
     prefetch=True,  # prepare batches in a background thread
+    # documents packed in stream order, as the record (N > 0: best fit among the next N; on
+    # config/cpu.py's 64 steps in order gave 0.013 and 0.019 lower val loss at 2 seeds)
+    packing_lookahead=0,
 )
 
 logging_config = dict(

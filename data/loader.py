@@ -50,9 +50,12 @@ class DataConfig:
     val_pattern: str
     num_train_shards: int  # FineWeb train shards downloaded on first use of the default path
     prefetch: bool  # prepare batches in a background thread
+    # best fit among the next this many documents; 0: in stream order, as the records pack
+    packing_lookahead: int = DEFAULT_LOOKAHEAD
 
     def __post_init__(self):
-        check_ranges("data_config", self, positive=("num_train_shards",))
+        check_ranges("data_config", self, positive=("num_train_shards",),
+                     non_negative=("packing_lookahead",))
 
 
 def find_shards(pattern: str) -> list[Path]:

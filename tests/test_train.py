@@ -1,6 +1,7 @@
 """train.py: the stage table, gradient accumulation, transitions, resume, failures; run.py's
 training mode end to end, records and their summary, the benchmark mode."""
 
+import glob
 import gzip
 import json
 import math
@@ -19,7 +20,8 @@ import checkpoints
 import run
 import train
 import utils
-from data.shards import BOS_ID, write_shard
+from data.loader import BOSFinder
+from data.shards import BOS_ID, read_shard, write_shard
 from records import summary
 from records.write import git_commit
 
@@ -601,6 +603,28 @@ def test_summary_over_several_folders_and_one_attempt(tmp_path, capsys):
     assert "val loss   3.2600 (one attempt: no spread)" in out and "nan" not in out
     assert "p-value: needs at least two attempts" in out
     assert summary.main([str(tmp_path / "nothing_here")]) == 2
+
+
+def test_packing_lookahead_reaches_the_loader(config, tmp_path):
+    # data_config.packing_lookahead 0 packs in stream order (the records'): the first
+    # micro-batch's segments are the stream's documents one after another
+    config["data_config"]["packing_lookahead"] = 0
+    manager = manager_for(config, tmp_path)
+    served = np.concatenate([manager.train_loader.next_batch()[0].cpu().numpy()
+                             for _ in range(4)])
+    tokens = read_shard(sorted(glob.glob(config["data_config"]["train_pattern"]))[0])
+
+    def first_batches(lookahead):
+        finder = BOSFinder(tokens, config["training_config"]["max_seq_len"], lookahead)
+        room = served.size // 4
+        return np.concatenate([tokens[s:s + n] for _ in range(4)
+                               for s, n in finder.next_segments(room)])
+
+    assert np.array_equal(served, first_batches(0))
+    assert not np.array_equal(first_batches(0), first_batches(64))  # the shards tell them apart
+    config["data_config"]["packing_lookahead"] = -1
+    with pytest.raises(utils.ConfigError, match="packing_lookahead must be >= 0"):
+        run.build_config(config)
 
 
 def test_device_busy_is_the_union_of_kernel_intervals():
