@@ -37,13 +37,21 @@ def polar_express(G: Tensor) -> Tensor:
     X = X.reshape(-1, *X.shape[-2:])  # (K, m, n): baddbmm's shape
     # The Frobenius norm bounds the spectral norm; 1.02 leaves headroom for bf16 rounding.
     X = (X / (X.float().norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-7)).bfloat16()
-    for a, b, c in POLAR_EXPRESS_COEFFS:
-        A = X @ X.mT  # Gram matrix on the smaller side, hence the transpose of tall inputs
+    X = _quintics(X, POLAR_EXPRESS_COEFFS).view(*batch, *X.shape[-2:])
+    return X.mT if tall else X
+
+
+def _quintics(X: Tensor, coeffs, A: Tensor | None = None) -> Tensor:
+    """X <- a X + (b A + c A A) X for each (a, b, c), A the Gram X X^T (``A``, if given, the
+    first one): a wide X (K, m, n), m <= n, whose Gram is the smaller side's."""
+    for a, b, c in coeffs:
+        if A is None:
+            A = X @ X.mT
         # b A + c A A, then a X + B X: the scaled sums run in the matmuls' epilogues
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
-    X = X.view(*batch, *X.shape[-2:])
-    return X.mT if tall else X
+        A = None
+    return X
 
 
 # ANVIL's cascade (modded-nanogpt record #92, "ANVIL2", commit fd1b14a5): six odd quintics
@@ -68,13 +76,7 @@ def anvil_cascade(G: Tensor) -> Tensor:
     X = (G.mT if tall else G).bfloat16()
     A = X @ X.mT  # the Gram on the smaller side, as in polar_express
     d = A.float().diagonal(dim1=-2, dim2=-1).sum(-1).sqrt()[:, None, None] * 1.05 + 1e-6
-    X = (X.float() / d).bfloat16()
-    A = (A.float() / d.square()).bfloat16()
-    for k, (a, b, c) in enumerate(ANVIL_MAPS):
-        if k:
-            A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
+    X = _quintics((X.float() / d).bfloat16(), ANVIL_MAPS, (A.float() / d.square()).bfloat16())
     return X.mT if tall else X
 
 
