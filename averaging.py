@@ -79,6 +79,7 @@ class Ship:
     def __init__(self, name: str, groups: dict, window: int, total: int, cadence, blend: dict):
         self.name, self.groups, self.window, self.total = name, groups, window, total
         self.cadence, self.blend = cadence, blend
+        self.tensors = {name: t for tensors in groups.values() for name, t in tensors.items()}
         self.averages: dict[str, Tensor] = {}
 
     def rate(self, step: int) -> float | None:
@@ -92,12 +93,11 @@ class Ship:
         rate = self.rate(step)
         if rate is None:
             return
-        for tensors in self.groups.values():
-            for name, tensor in tensors.items():
-                if name not in self.averages:
-                    self.averages[name] = tensor.detach().float().clone()
-                else:
-                    self.averages[name].lerp_(tensor.detach().float(), rate)
+        for name, tensor in self.tensors.items():
+            if name not in self.averages:
+                self.averages[name] = tensor.detach().float().clone()
+            else:
+                self.averages[name].lerp_(tensor.detach().float(), rate)
 
     @torch.no_grad()
     def ship(self) -> bool:
@@ -172,11 +172,9 @@ class TailShips:
         for key, value in state.items():
             name, tensor = key.split("/", 1) if "/" in key else ("tail EMA", key)
             ship = ships.get(name)
-            device = next((t.device for ts in ship.groups.values() for n, t in ts.items()
-                           if n == tensor), None) if ship else None
-            if device is None:
+            if ship is None or tensor not in ship.tensors:
                 raise ValueError(f"tail average state {key!r} matches no ship of this run")
-            ship.averages[tensor] = value.float().to(device).clone()
+            ship.averages[tensor] = value.float().to(ship.tensors[tensor].device).clone()
 
 
 def _norm(tensors: dict) -> Tensor:
