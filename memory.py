@@ -32,10 +32,10 @@ BYTES_PER_UNIT = {
     # (commit 945d126 with the bf16 residual stream), state 4.0 GB
     "Record55Config": {True: (31.0 - 4.0) * GB / 65_536 / 92_544,
                        False: (33.4 - 4.0) * GB / 65_536 / 92_544},
-    # record #89 at 65,536 tokens with float8: 40.2 GB (2026-12-06), state 9.9 GB; without
-    # float8: not yet measured, record #55's ratio of the two
+    # record #89 with float8 at 65,536 tokens: 40.2 GB (2026-12-06), state 9.9 GB; without
+    # float8 at 32,768 tokens: 26.4 GB (2026-12-06, as record #55's ratio had predicted)
     "GPTConfig": {True: (40.2 - 9.9) * GB / 65_536 / 92_544,
-                  False: (40.2 - 9.9) * (33.4 - 4.0) / (31.0 - 4.0) * GB / 65_536 / 92_544},
+                  False: (26.4 - 9.9) * GB / 32_768 / 92_544},
 }
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from data.shards import BOS_ID
 from layers.masks import block_attention_masks, dense_attention_mask, document_ids
@@ -58,6 +58,27 @@ def test_block_mask_matches_dense_mask(window, token_window):
     dense = F.scaled_dot_product_attention(
         q, k, v, attn_mask=dense_attention_mask(docs, window, 16, token_window), scale=0.1)
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window,token_window,rows_per_token", [(2, False, 1), (37, True, 1),
+                                                                (20, True, 2)])
+def test_block_mask_lists_are_flex_attentions_own(window, token_window, rows_per_token):
+    """The sort-free lists (key blocks per query block, and the backward's query blocks per key
+    block) hold what BlockMask.from_kv_blocks derives with its sorts: the same counts and, up
+    to each count, the same indices in the same order."""
+    x = tokens(256, doc_starts=(0, 5, 30, 31, 47, 64, 100, 200))
+    (ours,) = block_attention_masks(document_ids(x), [window], 16, token_window,
+                                    rows_per_token)
+    theirs = BlockMask.from_kv_blocks(ours.kv_num_blocks, ours.kv_indices,
+                                      ours.full_kv_num_blocks, ours.full_kv_indices,
+                                      BLOCK_SIZE=16, mask_mod=ours.mask_mod)
+    for side in ("kv", "full_kv", "q", "full_q"):
+        counts, their_counts = (getattr(m, f"{side}_num_blocks") for m in (ours, theirs))
+        assert torch.equal(counts, their_counts), side
+        for row, count in enumerate(counts[0, 0].tolist()):
+            a, b = (getattr(m, f"{side}_indices")[0, 0, row, :count] for m in (ours, theirs))
+            assert torch.equal(a, b), (side, row)
+    assert ours.seq_lengths == theirs.seq_lengths and ours.BLOCK_SIZE == theirs.BLOCK_SIZE
 
 
 def test_block_mask_skips_blocks_outside_window_and_documents():
