@@ -1,5 +1,6 @@
 """Fused and float8 ops, each with the plain PyTorch it must equal: the lm_head and its
-softcapped cross-entropy as one op, and a float8 linear layer for the MLP.
+softcapped cross-entropy as one op, a float8 linear layer for the MLP, and record #89's relu^2
+MLP (``relu2_mlp``, its two Triton kernels at the end of this file).
 
 The speedrun's loss takes (T, V) logits = hidden @ W.T, softcaps them and takes the
 cross-entropy in float32. Left to autograd that keeps the logits for the backward pass and then
@@ -43,6 +44,7 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # no triton (macOS, some CPU-only installs): the PyTorch path is used
     triton = None
 
@@ -389,3 +391,186 @@ def linear(x: Tensor, weight: Tensor, fp8: bool = False) -> Tensor:
     if use_fp8(x.reshape(-1, x.size(-1)), weight, fp8):
         return float8_linear(x, weight)
     return F.linear(x, weight.type_as(x))
+
+
+# Record #89's MLP (#306, #342): relu(x @ fc.T)^2 @ proj.T with both forward matmuls in float8,
+# relu^2 and the float8 cast of its output in the up projection's epilogue (its scale the
+# previous call's amax with headroom, so no pass over the hidden activation to find it), and the
+# backward in bf16 from the saved post = relu(pre)^2 alone (relu(pre) = sqrt(post)): no
+# transposed float8 copies, no amax passes, no pre in memory.
+E4M3_MAX = 448.0
+MLP_ACT_HEADROOM = 1.8  # the record's: the next call's activation scale is 1.8 amax / 448
+# the record's tile: (BLOCK_M, BLOCK_N), its epilogue in two halves of BLOCK_N / 2 columns to
+# keep registers down; 8 warps; pipeline stages (forward, backward)
+MLP_TILE, MLP_WARPS, MLP_STAGES = (128, 256), 8, (3, 3)
+
+if triton is not None:
+
+    @triton.jit
+    def _relu2_epilogue(acc, row, col, out_desc, post_desc, out8_desc, amax, scale,
+                        inverse_act_scale, FORWARD: tl.constexpr):
+        """One half tile: see ``_relu2_matmul_kernel``. Returns the running amax."""
+        if FORWARD:
+            pre = (acc * scale).to(tl.bfloat16)
+            relu = tl.maximum(pre, 0.0)
+            post = relu * relu
+            out_desc.store([row, col], post)
+            post32 = post.to(tl.float32)
+            out8_desc.store([row, col],
+                            tl.minimum(post32 * inverse_act_scale, 448.0).to(tl.float8e4nv))
+            amax = tl.maximum(amax, tl.max(tl.max(post32, axis=1), axis=0))
+        else:
+            post = post_desc.load([row, col]).to(tl.float32)
+            grad = acc.to(tl.bfloat16).to(tl.float32)
+            out_desc.store([row, col], (2.0 * grad * tl.sqrt(post)).to(tl.bfloat16))
+        return amax
+
+    @triton.jit
+    def _relu2_matmul_kernel(a_desc, b_desc, out_desc, post_desc, out8_desc, amax_ptr,
+                             scale_ptr, act_scale_ptr, M, N, K, FORWARD: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        """One (BLOCK_M, BLOCK_N) tile of acc = a @ b.T (b as (N, K), the forward) or a @ b
+        (b as (K, N), the backward), then the epilogue. Forward: pre = bf16(acc * scale), post
+        = bf16(relu(pre)^2) to out, min(post / act_scale, 448) in e4m3 to out8, and the tile's
+        largest post to amax_ptr[program]. Backward: 2 bf16(acc) sqrt(post) to out. Tiles go
+        a column of 8 row tiles at a time, so that b's tile is reused from L2."""
+        pid = tl.program_id(0)
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = 8 * tiles_n
+        first_m = (pid // group) * 8
+        group_m = min(tiles_m - first_m, 8)
+        row = (first_m + (pid % group) % group_m) * BLOCK_M
+        col = ((pid % group) // group_m) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = a_desc.load([row, k])
+            if FORWARD:
+                acc = tl.dot(a, b_desc.load([col, k]).T, acc)
+            else:
+                acc = tl.dot(a, b_desc.load([k, col]), acc)
+        scale, inverse_act_scale = 1.0, 1.0
+        if FORWARD:
+            scale = tl.load(scale_ptr)
+            inverse_act_scale = 1.0 / tl.load(act_scale_ptr)
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)),
+                                          (0, 2, 1)))
+        amax = _relu2_epilogue(left, row, col, out_desc, post_desc, out8_desc, 0.0, scale,
+                               inverse_act_scale, FORWARD)
+        amax = _relu2_epilogue(right, row, col + BLOCK_N // 2, out_desc, post_desc, out8_desc,
+                               amax, scale, inverse_act_scale, FORWARD)
+        if FORWARD:
+            tl.store(amax_ptr + pid, amax)
+
+
+def relu2_up_reference(x8, fc8, scale, act_scale):
+    """What the forward kernel computes, by PyTorch ops: post = bf16(relu(bf16(x8 @ fc8.T *
+    scale))^2), its e4m3 copy min(post / act_scale, 448) and the largest post."""
+    pre = (x8.float() @ fc8.float().t() * scale).to(torch.bfloat16)
+    post = F.relu(pre).square()
+    post8 = (post.float() / act_scale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    return post, post8, post.float().amax()
+
+
+def relu2_grad_reference(grad, proj, post):
+    """What the backward kernel computes: d loss / d pre = 2 bf16(grad @ proj) sqrt(post)."""
+    product = (grad.float() @ proj.float()).to(torch.bfloat16).float()
+    return (2.0 * product * post.float().sqrt()).to(torch.bfloat16)
+
+
+def _launch_relu2(a, b, out, post, out8, amax, scale, act_scale, forward: bool):
+    """The kernel for out (M, N) from a (M, K) and b: (N, K) forward, (K, N) backward. The
+    arguments the mode does not read may be any tensor a descriptor takes."""
+    (M, K), N = a.shape, out.size(1)
+    (bm, bn), bk = MLP_TILE, 128 if a.element_size() == 1 else 64
+
+    def descriptor(x, block):
+        return TensorDescriptor.from_tensor(x, list(block))
+
+    halves = (bm, bn // 2)
+    _relu2_matmul_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
+        descriptor(a, (bm, bk)), descriptor(b, (bn, bk) if forward else (bk, bn)),
+        descriptor(out, halves), descriptor(post, halves), descriptor(out8, halves), amax, scale,
+        act_scale, M, N, K, FORWARD=forward, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=MLP_WARPS, num_stages=MLP_STAGES[0 if forward else 1])
+
+
+@torch.library.custom_op("speedrun::relu2_up", mutates_args=())
+def _relu2_up(x8: Tensor, fc8: Tensor, scale: Tensor, act_scale: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """post = relu(x8 @ fc8.T * scale)^2 in bf16, its e4m3 copy (post / act_scale, capped at
+    448) and the largest post: the Triton kernel on CUDA, ``relu2_up_reference`` elsewhere."""
+    if not x8.is_cuda or triton is None:
+        return relu2_up_reference(x8, fc8, scale, act_scale)
+    M, N = x8.size(0), fc8.size(0)
+    post = x8.new_empty(M, N, dtype=torch.bfloat16)
+    post8 = torch.empty_like(post, dtype=torch.float8_e4m3fn)
+    amax = x8.new_empty(triton.cdiv(M, MLP_TILE[0]) * triton.cdiv(N, MLP_TILE[1]),
+                        dtype=torch.float32)  # a tile's largest post each
+    _launch_relu2(x8, fc8, post, post, post8, amax, scale, act_scale, forward=True)
+    return post, post8, amax.amax()
+
+
+@_relu2_up.register_fake
+def _(x8, fc8, scale, act_scale):
+    post = x8.new_empty(x8.size(0), fc8.size(0), dtype=torch.bfloat16)
+    return post, torch.empty_like(post, dtype=torch.float8_e4m3fn), scale.new_empty(())
+
+
+@torch.library.custom_op("speedrun::relu2_grad", mutates_args=())
+def _relu2_grad(grad: Tensor, proj: Tensor, post: Tensor) -> Tensor:
+    """2 bf16(grad @ proj) sqrt(post): the Triton kernel on CUDA, ``relu2_grad_reference``
+    elsewhere."""
+    if not grad.is_cuda or triton is None:
+        return relu2_grad_reference(grad, proj, post)
+    out = torch.empty_like(post)
+    unused = grad.new_empty(1, dtype=torch.float32)
+    _launch_relu2(grad, proj, out, post, post, unused, unused, unused, forward=False)
+    return out
+
+
+@_relu2_grad.register_fake
+def _(grad, proj, post):
+    return torch.empty_like(post)
+
+
+class _Relu2MLP(torch.autograd.Function):
+    """relu(x @ fc.T)^2 @ proj.T for a 2-D bf16 x: the forward's two matmuls in float8 (x, fc
+    and proj with dynamic per-tensor scales, the hidden activation with ``act_scale``), the
+    backward's four in bf16 from x and post. Returns the output and post's largest value."""
+
+    @staticmethod
+    def forward(ctx, x, fc, proj, act_scale):
+        (x8, x_scale), (fc8, fc_scale), (proj8, proj_scale) = map(to_float8, (x, fc, proj))
+        post, post8, amax = _relu2_up(x8, fc8, x_scale * fc_scale, act_scale)
+        out = torch._scaled_mm(post8, proj8.t(), scale_a=act_scale, scale_b=proj_scale,
+                               out_dtype=x.dtype, use_fast_accum=True)
+        ctx.save_for_backward(x, fc, proj, post)
+        ctx.mark_non_differentiable(amax)
+        return out, amax
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        x, fc, proj, post = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_proj = grad.t() @ post
+        grad_pre = _relu2_grad(grad, proj.to(grad.dtype), post)
+        grad_fc = grad_pre.t() @ x
+        grad_x = grad_pre @ fc.to(x.dtype)
+        return grad_x, grad_fc.to(fc.dtype), grad_proj.to(proj.dtype), None
+
+
+def use_relu2_mlp(x: Tensor, fc: Tensor, proj: Tensor) -> bool:
+    """The fused MLP where float8 is (``use_fp8``) and x is bf16, as its kernels take it."""
+    rows = x.reshape(-1, x.size(-1))
+    return x.dtype == torch.bfloat16 and use_fp8(rows, fc, True) and use_fp8(rows, proj, True)
+
+
+def relu2_mlp(x: Tensor, fc: Tensor, proj: Tensor, act_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Record #89's MLP on x (..., D) in bf16: relu(x @ fc.T)^2 @ proj.T, and the next call's
+    activation scale (MLP_ACT_HEADROOM times this call's largest hidden activation / 448).
+    ``act_scale`` is this call's: a float32 scalar tensor."""
+    rows = x.reshape(-1, x.size(-1))
+    out, amax = _Relu2MLP.apply(rows, fc, proj, act_scale)
+    next_scale = amax.clamp_min(1e-12) * (MLP_ACT_HEADROOM / E4M3_MAX)
+    return out.view(*x.shape[:-1], proj.size(0)), next_scale

@@ -94,6 +94,7 @@ class GPTConfig:
     prefix_prediction: bool  # build the GPT-2 prefix table for prefix-token prediction (#337)
     fp8_lm_head: bool  # the lm_head's matmuls in float8 on CUDA capability >= 8.9
     fp8_mlp: bool  # the MLP's matmuls in float8 there too (kernels.linear)
+    fused_mlp: bool  # with fp8_mlp: record #89's relu^2 MLP kernels instead (kernels.relu2_mlp)
     init_std: float  # matrices: uniform with std init_std / sqrt(fan_in)
     lm_head_init_std: float
     mlp_proj_lr_mul: float  # the record's c_proj: its shape factor 2 times its own 2
@@ -112,6 +113,9 @@ class GPTConfig:
                             f"each of the {L} layers")
         if self.activation not in ACTIVATIONS:
             problems.append(f"activation {self.activation!r} not in {sorted(ACTIVATIONS)}")
+        if self.fused_mlp and self.activation != "relu2":
+            problems.append(f"fused_mlp is relu^2's MLP: activation must be relu2, not "
+                            f"{self.activation!r}")
         if self.softcap_form not in ("sigmoid", "tanh"):
             problems.append(f"softcap_form {self.softcap_form!r} must be sigmoid or tanh")
         if self.head_dim % 4 or self.num_heads % 2:
@@ -184,7 +188,7 @@ class Block(nn.Module):
                 config, paired=layer in config.paired_head_layers,
                 key_offset=config.key_offset and letter == "L",
                 value_gate=value_embed and layer != config.num_layers - 1)
-        self.mlp = MLP(config, proj_lr_mul=config.mlp_proj_lr_mul)
+        self.mlp = MLP(config, proj_lr_mul=config.mlp_proj_lr_mul, fused=config.fused_mlp)
         if layer != config.num_layers - 1:  # the last layer's are its dense connections
             self.residual = make_param(torch.full((2,), config.residual_init), "resid_lambda",
                                        wd_mul=0.0)

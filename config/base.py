@@ -55,6 +55,10 @@ model_config = dict(
     fp8_lm_head=True,
     # the MLP's matmuls in float8 too (kernels.linear, same guard, dynamic per-tensor scales)
     fp8_mlp=True,
+    # ... by record #89's relu^2 MLP kernels instead (kernels.relu2_mlp: float8 forward, relu^2
+    # in the up projection's epilogue, the hidden activation's scale from the previous call,
+    # bf16 backward)
+    fused_mlp=False,
     init_std=0.5,
     lm_head_init_std=0.005,
     mlp_proj_lr_mul=4.0,  # the record's c_proj: a shape factor of 2 and its own 2

@@ -39,7 +39,8 @@ def tiny_gpt_config():
     config = run.load_config(REPO_ROOT / "config" / "base.py")["model_config"]
     return dict(config, model_dim=32, num_heads=2, head_dim=16, ffn_dim=64, block_size=16,
                 dc_window=14, bigram_rows=512, bigram_sign_rows=32, gate_hidden=8,
-                mudd_hidden=8, prefix_prediction=False, fp8_lm_head=False, fp8_mlp=False)
+                mudd_hidden=8, prefix_prediction=False, fp8_lm_head=False, fp8_mlp=False,
+                fused_mlp=False)
 
 
 @pytest.fixture

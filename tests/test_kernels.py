@@ -260,3 +260,89 @@ def test_linear_falls_back_where_float8_is_unsupported():
     weight = torch.randn(64, 32)
     assert not kernels.use_fp8(x.reshape(-1, 32), weight, True)  # CPU
     torch.testing.assert_close(kernels.linear(x, weight, fp8=True), x @ weight.t())
+
+
+def relu2_inputs(seed=0, rows=96, dim=64, hidden=128):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, dim, generator=g).bfloat16().requires_grad_()
+    fc = (torch.randn(hidden, dim, generator=g) * dim ** -0.5).requires_grad_()
+    proj = (torch.randn(dim, hidden, generator=g) * hidden ** -0.5).requires_grad_()
+    return x, fc, proj, torch.randn(rows, dim, generator=g).bfloat16()
+
+
+def relu2_float32(x, fc, proj):
+    return torch.relu(x.float() @ fc.t()).square() @ proj.t()
+
+
+def test_relu2_mlp_forward_is_float8_with_the_given_activation_scale():
+    """Record #89's MLP forward (on the CPU: the kernels' reference ops): the up projection of
+    the e4m3 x and fc, relu^2 in bf16, the hidden activation quantized with the scale given
+    (not its own amax), the down projection in float8; and the next call's scale 1.8 amax/448."""
+    x, fc, proj, _ = relu2_inputs()
+    act_scale = torch.tensor(0.05)  # post reaches ~12: below 448 * 0.05
+    out, next_scale = kernels.relu2_mlp(x, fc, proj, act_scale)
+    (x8, xs), (fc8, fs), (p8, ps) = (kernels.to_float8(t) for t in (x, fc, proj))
+    pre = (x8.float() * xs) @ (fc8.float() * fs).t()
+    post = torch.relu(pre.bfloat16()).square().float()
+    assert next_scale.item() == pytest.approx(1.8 * post.max().item() / 448, rel=1e-6)
+    post8 = (post / act_scale).clamp(max=448).to(torch.float8_e4m3fn).float() * act_scale
+    want = post8 @ (p8.float() * ps).t()
+    assert out.dtype == torch.bfloat16 and out.shape == (96, 64)
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    # and it is the MLP, to float8's accuracy
+    exact = relu2_float32(x, fc, proj).detach()
+    error = ((out.float() - exact).norm() / exact.norm()).item()
+    assert 1e-3 < error < 0.1
+
+
+def test_relu2_mlp_saturates_at_e4m3s_largest_value():
+    """A too-small activation scale caps the hidden activation at 448 (no NaN, no inf), as the
+    record's kernel does."""
+    x, fc, proj, _ = relu2_inputs()
+    (x8, x_scale), (fc8, fc_scale) = kernels.to_float8(x), kernels.to_float8(fc)
+    post, post8, amax = kernels.relu2_up_reference(x8, fc8, x_scale * fc_scale,
+                                                  torch.tensor(1e-6))
+    assert post8.float().max().item() == 448.0 and torch.isfinite(post8.float()).all()
+    assert amax.item() == post.float().max().item() > 448e-6
+    assert (post8.float() < 448).any()  # zeros stay zeros
+
+
+def test_relu2_mlp_backward_is_the_bf16_gradient_at_the_float8_forward():
+    """The backward runs in bf16 from post alone (relu(pre) = sqrt(post)): it must equal the
+    float32 gradient of relu(pre)^2 @ proj.T at the forward's own pre, with x and fc (not their
+    float8 copies) in the weight and input gradients."""
+    x, fc, proj, grad = relu2_inputs(seed=1)
+    out, _ = kernels.relu2_mlp(x, fc, proj, torch.tensor(0.05))
+    out.backward(grad)
+    got = x.grad.float(), fc.grad, proj.grad
+    assert x.grad.dtype == torch.bfloat16 and fc.grad.dtype == proj.grad.dtype == torch.float32
+    (x8, xs), (fc8, fs) = kernels.to_float8(x), kernels.to_float8(fc)
+    relu = torch.relu(((x8.float() * xs) @ (fc8.float() * fs).t()).bfloat16().float())
+    grad_pre = 2 * relu * (grad.float() @ proj.detach())
+    want = (grad_pre @ fc.detach(), grad_pre.t() @ x.detach().float(),
+            grad.float().t() @ relu.square())
+    for name, a, b in zip(("x", "fc", "proj"), got, want, strict=True):
+        error = ((a - b).norm() / b.norm()).item()
+        assert error < 1.5e-2, (name, error)
+    # and the MLP's gradient, to float8's accuracy
+    x.grad = fc.grad = proj.grad = None
+    relu2_float32(x, fc, proj).backward(grad.float())
+    for name, a, b in zip(("x", "fc", "proj"), got, (x.grad.float(), fc.grad, proj.grad),
+                          strict=True):
+        assert ((a - b).norm() / b.norm()).item() < 0.1, name
+
+
+def test_relu2_mlp_traces_whole_under_compile():
+    x, fc, proj, grad = relu2_inputs(seed=2)
+    act_scale = torch.tensor(0.01)
+    want, want_scale = kernels.relu2_mlp(x, fc, proj, act_scale)
+    want.backward(grad)
+    want_grads = x.grad, fc.grad, proj.grad
+    x.grad = fc.grad = proj.grad = None
+    compiled = torch.compile(kernels.relu2_mlp, backend="aot_eager", fullgraph=True)
+    got, got_scale = compiled(x, fc, proj, act_scale)
+    got.backward(grad)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_scale, want_scale)
+    for a, b in zip((x.grad, fc.grad, proj.grad), want_grads, strict=True):
+        torch.testing.assert_close(a, b)

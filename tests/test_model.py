@@ -234,6 +234,23 @@ def test_bad_config_is_named(tiny_model_config):
         make_gpt(dict(tiny_model_config, xsa_layers=(0,)))
     with pytest.raises(ConfigError, match="dc_window"):
         make_gpt(dict(tiny_model_config, dc_window=17))
+    with pytest.raises(ConfigError, match="fused_mlp is relu\\^2's MLP: activation must be relu2"):
+        make_gpt(dict(tiny_model_config, fused_mlp=True, activation="gelu"))
+
+
+def test_fused_mlp_keeps_its_activation_scale_in_the_state(tiny_model_config):
+    """With fused_mlp (and fp8_mlp) each MLP holds the float8 scale of its hidden activation,
+    starting at 1, in its state (checkpoints carry it); without either, no such state. On the
+    CPU the MLP is the plain one, and the scale stays."""
+    fused = make_gpt(dict(tiny_model_config, fp8_mlp=True, fused_mlp=True))
+    names = [n for n in fused.state_dict() if n.endswith("mlp.act_scale")]
+    assert len(names) == len(fused.blocks)
+    for config in (dict(fp8_mlp=True), dict(fused_mlp=True)):
+        plain = make_gpt(dict(tiny_model_config, **config))
+        assert not [n for n in plain.state_dict() if "act_scale" in n]
+    x = torch.randint(0, 50000, (64,))
+    fused(x, torch.roll(x, -1)).backward()
+    assert all(fused.state_dict()[n].item() == 1.0 for n in names)
 
 
 @pytest.mark.parametrize("model_config", ["tiny_model_config", "record55_model_config"])

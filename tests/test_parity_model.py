@@ -51,7 +51,8 @@ def tiny_config(reference_config):
                 block_size=c["block_size"], dc_window=c["dc_window"],
                 bigram_rows=c["bigram_vocab_size"], bigram_sign_rows=c["bigram_sign_table_rows"],
                 gate_hidden=c["mudd_gate_dim"], mudd_hidden=c["mudd_dim"],
-                prefix_prediction=False, fp8_lm_head=False, fp8_mlp=False)
+                prefix_prediction=False, fp8_lm_head=False, fp8_mlp=False,
+                fused_mlp=False)
 
 
 def from_record(gpt, R, vocab):
