@@ -18,7 +18,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from data.loader import DataLoader, validation_pieces
 from distributed import World
 from layers.embeddings import collect_table_grads
 from layers.masks import document_ids
+from layers.sampled import CandidateSampler
 from model import build_model, model_config
 from optimizers import build_optimizer
 from utils import ConfigError, build_section, check_ranges, repo_path
@@ -198,6 +199,12 @@ class ScheduleConfig:
     bank_blend_window: int = 0  # averaging.py: Q/K, V/O, MLP blended (record: 298)
     bank_blend: float = 0.55  # the bank blend's share of its average
     bank_blend_correction: float = 0.2007  # less this where the tail average shipped first
+    # layers/sampled.py: ((first step, candidates), ...), the softmax over that many
+    # candidates from that step on (0: the full vocabulary); record #92: ((0, 10240), (681,
+    # 14336), (965, 24576), (1107, 0)). Each set is shared by sampled_softmax_rows rows (the
+    # record's: a rank's batch, 16,384 tokens in its first stage)
+    sampled_softmax: tuple = ()
+    sampled_softmax_rows: int = 16384
 
     def __post_init__(self):
         check_ranges("schedule", self,
@@ -214,6 +221,16 @@ class ScheduleConfig:
             if getattr(self, key) > total:
                 raise ConfigError(f"schedule.{key}={getattr(self, key)} is longer than the "
                                   f"run's {total} steps")
+        steps = [pair[0] for pair in self.sampled_softmax if isinstance(pair, tuple)]
+        if any(not (isinstance(pair, tuple) and len(pair) == 2
+                    and all(isinstance(v, int) and v >= 0 for v in pair) and pair[1] % 16 == 0)
+               for pair in self.sampled_softmax) or steps != sorted(set(steps)):
+            raise ConfigError(f"schedule.sampled_softmax must be (first step, candidates) pairs "
+                              f"of non-negative ints, steps ascending, candidates a multiple "
+                              f"of 16 (0: the full softmax), got {self.sampled_softmax}")
+        if self.sampled_softmax_rows <= 0:
+            raise ConfigError(f"schedule.sampled_softmax_rows must be > 0, got "
+                              f"{self.sampled_softmax_rows}")
         if self.bank_blend_correction > self.bank_blend:
             raise ConfigError(f"schedule.bank_blend_correction ({self.bank_blend_correction}) "
                               f"must not exceed bank_blend ({self.bank_blend})")
@@ -248,6 +265,7 @@ class StepPlan:
     adam: bool  # Adam steps after this step's gradients
     untied: bool  # the embedding trains apart from the lm_head from this step on
     transition: bool  # a stage with other tokens or windows begins: the scalars freeze
+    candidates: int = 0  # the sampled softmax's candidates per set (0: the full softmax)
 
 
 class Schedule:
@@ -306,6 +324,10 @@ class Schedule:
             if stage.max_seq_len is not None and not 1 <= stage.max_seq_len <= self.seq:
                 raise ConfigError(f"schedule.stages: max_seq_len {stage.max_seq_len} must be "
                                   f"between 1 and training_config.max_seq_len ({self.seq})")
+        rows = self.config.sampled_softmax_rows
+        if self.config.sampled_softmax and self.micro_batch_tokens % rows:
+            raise ConfigError(f"schedule.sampled_softmax_rows ({rows}) must divide "
+                              f"{self.describe_round()}")
 
     def _batch_fix(self):
         """The largest smaller BATCH_SIZE_MULTIPLE that divides every stage, if any."""
@@ -347,7 +369,12 @@ class Schedule:
                         lr_factor=self._lr_factor(step, stage.lr_mul),
                         momentum=self._momentum(step),
                         adam=(step + 1) % self.config.adam_every == 0,
-                        untied=step >= self.untie_step, transition=transition)
+                        untied=step >= self.untie_step, transition=transition,
+                        candidates=self._candidates(step))
+
+    def _candidates(self, step):
+        sizes = [size for first, size in self.config.sampled_softmax if first <= step]
+        return sizes[-1] if sizes else 0
 
     def _lr_factor(self, step, lr_mul):
         """Warm-up, the stage's lr_mul, then a linear cooldown to final_lr_ratio (x lr_mul, or
@@ -533,6 +560,16 @@ class TrainingManager:
         self.loss_weights = torch.zeros(self.schedule.mtp_width + 1, device=torch_device)
         self.val_weights = torch.zeros_like(self.loss_weights)
         self.val_weights[0] = 1.0
+        self.sampler = None  # the candidate sets of the sampled softmax (layers/sampled.py)
+        sc = self.schedule.config
+        if sc.sampled_softmax:
+            largest = max(size for _, size in sc.sampled_softmax)
+            if largest > config.model.padded_vocab:
+                raise ConfigError(f"schedule.sampled_softmax asks {largest} candidates, more "
+                                  f"than the vocabulary's {config.model.padded_vocab}")
+            groups = max(stage.tokens for stage in self.schedule.stages_table)
+            self.sampler = CandidateSampler(config.model.padded_vocab,
+                                            groups // sc.sampled_softmax_rows, torch_device)
         self._flops = {}  # flops_per_token by windows, for MFU
         self.run_id = None  # kept in checkpoints: a resumed run appends to the same log
         self.step = 0  # optimizer steps completed
@@ -580,12 +617,29 @@ class TrainingManager:
         optimizer averages it over the ranks). Returns this rank's mean loss."""
         total = torch.zeros((), device=self.model.lm_head.device)
         factor = self.tc.loss_factor(plan.accumulation, self.world.world_size)
-        for _ in range(plan.accumulation):
+        for index in range(plan.accumulation):
             inputs, targets = self.train_loader.next_batch()
-            loss = self.compiled(inputs, targets, document_ids(inputs), self.loss_weights)
+            # without candidates the call is validation's: one graph for both
+            sets = self.candidates(plan, index, targets)
+            loss = self.compiled(inputs, targets, document_ids(inputs), self.loss_weights,
+                                 *(() if sets is None else (sets,)))
             (loss * factor).backward()
             total += loss.detach()
         return total / plan.accumulation
+
+    def candidates(self, plan: StepPlan, index: int, targets):
+        """The sampled softmax's (G, P) candidate sets of a micro-batch (None: the full
+        softmax). Its rows go in groups of sampled_softmax_rows, numbered through the step's
+        micro-batches in the order the ranks share them out, each group with its own place in
+        the sweep: any number of ranks builds the same sets."""
+        if not plan.candidates:
+            return None
+        rows = self.schedule.config.sampled_softmax_rows
+        per_batch = targets.numel() // rows
+        first = (index * self.world.world_size + self.world.rank) * per_batch
+        return torch.stack([self.sampler.build(targets[j * rows:(j + 1) * rows],
+                                               plan.candidates, first + j)
+                            for j in range(per_batch)])
 
     def optimizer_step(self, adam=True):
         """The optimizer's step on the accumulated gradients; ``adam`` off steps the matrix
@@ -628,18 +682,27 @@ class TrainingManager:
         optimizer_state = checkpoints.to_host(self.optimizer.state_dict())
         loader_state = self.train_loader.state_dict()
         rng = checkpoints.rng_state()
+        sampler_state = self.sampler.state_dict() if self.sampler else None
         pending = {p: p.grad for p in self.model.parameters()}
         self.optimizer.zero_grad()
         step = self.step
         self.step = 0
         for _ in range(self.schedule.config.adam_every):  # a step with Adam's update too
             self.train_step()
+        # the graph of each other candidate count of the sampled softmax (0: the full one)
+        sizes = {size for _, size in self.schedule.config.sampled_softmax} | {0}
+        for size in sorted(sizes - {self.schedule.at(0).candidates}):
+            plan = replace(self.schedule.at(0), accumulation=1, candidates=size)
+            self.accumulate(plan)
+            self.optimizer.zero_grad()
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
         for p, grad in pending.items():
             p.grad = grad
         self.train_loader.load_state_dict(loader_state)
         checkpoints.set_rng_state(rng)
+        if self.sampler:
+            self.sampler.load_state_dict(sampler_state)
         self.step = step
         synchronize(self.device)
         return time.perf_counter() - start
@@ -666,7 +729,18 @@ class TrainingManager:
                 "gradients": pending, "optimizer": self.optimizer.state_dict(),
                 "loader": self.train_loader.state_dict(), "rng": checkpoints.rng_state(),
                 "tail_ema": self.tail_ships.state_dict() if self.tail_ships is not None else {},
+                "sampler": self.sampler_state() if self.sampler else {},
                 "config": self.config.raw}
+
+    def sampler_state(self):
+        """The sampled softmax's places in the sweep, each group's from the rank that builds
+        its sets (group g: rank (g // micro-batch groups) % world size)."""
+        places = self.sampler.places.double()
+        per_batch = self.tc.micro_batch_tokens // self.schedule.config.sampled_softmax_rows
+        owner = torch.arange(places.numel(), device=places.device) // per_batch
+        mine = torch.where(owner % self.world.world_size == self.world.rank, places, 0.0)
+        places = self.world.all_reduce_mean(mine) * self.world.world_size
+        return {"places": places.round().long().cpu()}
 
     def save_checkpoint(self, path):
         """Write the training state at ``path`` (checkpoints.write: safetensors and JSON,
@@ -714,6 +788,8 @@ class TrainingManager:
         self.history = [tuple(entry) for entry in state["history"]]
         if self.tail_ships is not None:
             self.tail_ships.load_state_dict(state.get("tail_ema", {}))
+        if self.sampler and state.get("sampler"):  # none: written without the sampled softmax
+            self.sampler.load_state_dict(state["sampler"])
 
     def save_model(self, val_loss):
         """The trained weights and the run's config, for sample.py and evaluate.py

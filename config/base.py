@@ -165,6 +165,11 @@ schedule = dict(
     bank_blend_window=0,
     bank_blend=0.55,
     bank_blend_correction=0.2007,
+    # record #92's sampled softmax (layers/sampled.py): ((first step, candidates), ...) and
+    # the rows that share a set; its own is ((0, 10240), (681, 14336), (965, 24576), (1107, 0))
+    # over 1194 steps. Off until measured on this recipe
+    sampled_softmax=(),
+    sampled_softmax_rows=16384,
 )
 
 data_config = dict(

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import kernels
 from layers.masks import document_ids
+from layers.sampled import sampled_loss
 
 
 def prediction_targets(targets: Tensor, weights: Tensor, prefix_table: Tensor | None):
@@ -46,7 +47,7 @@ class SpeedrunLM(nn.Module):
         self.tie.tied = state["tied"]
 
     def forward(self, inputs: Tensor, targets: Tensor | None = None, docs: Tensor | None = None,
-                loss_weights: Tensor | None = None):
+                loss_weights: Tensor | None = None, candidates: Tensor | None = None):
         """inputs: (T,) token ids, T a multiple of the block size. Returns the loss averaged
         over the T rows (each row's targets weighted by ``loss_weights``, see
         ``prediction_targets``; the next token alone when None), or the (T, vocab_size) logits
@@ -54,7 +55,10 @@ class SpeedrunLM(nn.Module):
 
         ``docs`` (``document_ids(inputs)``) may be passed in: the trainer computes it outside
         the compiled graph, where inductor cannot lower FlexAttention's mask_mod reading a
-        tensor computed inside the same graph (seen with torch 2.11 at T = 64K)."""
+        tensor computed inside the same graph (seen with torch 2.11 at T = 64K).
+
+        ``candidates`` (G, P): sampled softmax (``layers/sampled.py``) over each of G groups of
+        T / G consecutive rows, whose tokens ahead then end at the group's end."""
         if docs is None:
             docs = document_ids(inputs)
         # (T, D) rows: indexing (1, T, V) logits would cost a full copy of their gradient in
@@ -63,6 +67,15 @@ class SpeedrunLM(nn.Module):
         if targets is None:
             return self.logits(hidden)[:, :self.config.vocab_size]
         weights = None
+        if candidates is not None:
+            if loss_weights is None:
+                loss_weights = hidden.new_tensor([1.0, 0.0], dtype=torch.float32)
+            groups = targets.view(candidates.size(0), -1)
+            targets, weights = (torch.cat(parts) for parts in zip(*(
+                prediction_targets(group, loss_weights, self.prefix_table) for group in groups),
+                strict=True))
+            return sampled_loss(hidden, self.lm_head.type_as(hidden), targets, weights,
+                                candidates, self.softcap_args, self.config.fp8_lm_head)
         if loss_weights is not None:
             targets, weights = prediction_targets(targets, loss_weights, self.prefix_table)
         return kernels.linear_softcap_cross_entropy(

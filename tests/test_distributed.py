@@ -51,11 +51,14 @@ def with_tokens(config, *tokens):
 
 
 def two_rank_config(folder, data_dir):
-    """The tiny config with 4 and 8 micro-batches of 128 tokens a step: 2 and 4 per rank, and
-    Adam on the odd steps (so checkpoints after odd step counts hold gradients for it)."""
+    """The tiny config with 4 and 8 micro-batches of 128 tokens a step: 2 and 4 per rank, Adam
+    on the odd steps (so checkpoints after odd step counts hold gradients for it), and the
+    sampled softmax over 512 candidates until step 6, a set per 64 rows (each rank builds its
+    own groups' sets: the one rank's)."""
     config = with_tokens(tiny_config(folder, data_dir), 512, 1024, 1024, 1024)
     config["training_config"]["val_tokens"] = 512
-    config["schedule"]["adam_every"] = 2
+    config["schedule"].update(adam_every=2, sampled_softmax=((0, 512), (6, 0)),
+                              sampled_softmax_rows=64)
     return config
 
 

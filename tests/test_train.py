@@ -285,6 +285,47 @@ def test_table_grads_in_place_train_as_autograd(config, tmp_path, adam_every):
     assert any(table is resumed.model.bigram.table for table, _ in resumed.table_grads)
 
 
+def sampled(config, pairs=((0, 512), (4, 1024), (10, 0)), rows=64):
+    config["schedule"].update(sampled_softmax=pairs, sampled_softmax_rows=rows)
+    return config
+
+
+def test_sampled_softmax_schedule_and_refusals(config, tmp_path):
+    schedule = run.build_config(sampled(config)).schedule
+    assert [schedule.at(s).candidates for s in (0, 3, 4, 9, 10, 13)] == [512, 512, 1024, 1024,
+                                                                          0, 0]
+    for pairs, message in ((((0, 500),), "multiple of 16"), (((4, 512), (0, 256)), "ascending"),
+                           (((0, -16),), "non-negative")):
+        with pytest.raises(utils.ConfigError, match=message):
+            run.build_config(sampled(config, pairs))
+    with pytest.raises(utils.ConfigError, match="sampled_softmax_rows \\(96\\) must divide"):
+        run.build_config(sampled(config, rows=96))
+    with pytest.raises(utils.ConfigError, match="asks 65536 candidates"):
+        manager_for(sampled(config, ((0, 65536),)), tmp_path)
+
+
+@pytest.mark.parametrize("adam_every", [1, 2])
+def test_sampled_softmax_trains_resumes_and_warms_up_exactly(config, tmp_path, adam_every):
+    """Sampled softmax over 512, then 1024 candidates, then the full softmax from step 10: the
+    losses are the sampled ones until then (smaller: fewer classes), a run resumed from a
+    checkpoint at step 5 continues them exactly (the sweep's places are in it), and the
+    warm-up, which also compiles each candidate count's graph, changes nothing."""
+    config["schedule"]["adam_every"] = adam_every
+    full = losses_of(manager_for(config, tmp_path), 14)
+    expected = losses_of(manager_for(sampled(config), tmp_path), 14)
+    assert all(a < b for a, b in zip(expected[:10], full[:10], strict=True))
+    first = manager_for(config, tmp_path)
+    losses_of(first, 5)
+    path = first.save_checkpoint(tmp_path / "ckpt" / "mid.pt")
+    losses_of(first, 2)
+    resumed = manager_for(config, tmp_path)
+    resumed.load_checkpoint(path)
+    assert losses_of(resumed, 9) == expected[5:]
+    warmed = manager_for(config, tmp_path)
+    warmed.warmup()
+    assert losses_of(warmed, 14) == expected
+
+
 def test_table_grads_in_place_refused_for_record55():
     config = run.load_config(utils.REPO_ROOT / "config" / "record55.py")
     config["training_config"]["table_grads_in_place"] = True

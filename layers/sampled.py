@@ -1,0 +1,106 @@
+"""Sampled softmax (record #92's "shared-negative sampled softcapped cross-entropy").
+
+For most of training the record's loss normalises each row not over the whole vocabulary but
+over a candidate set of P ids shared by a group of rows (in the record, one rank's batch): every
+distinct target of the group, and then "negatives", the next ids of a fixed sweep over the
+vocabulary (the permutation k -> 20011 k mod V) that are not targets yet. The set is sorted; no
+randomness and no correction for the ids left out (the normaliser is the sum over the set).
+Multi-token targets of a group are its own tokens, hence always in its set; a prefix target that
+is not in the set drops that row's prefix term. The lm_head's gradient is the set's rows only.
+
+``CandidateSampler`` builds the sets on the device without a host sync (record #92 builds them
+on the host from the targets; the same sets); ``sampled_loss`` is the loss over them, with the
+fused loss op of ``kernels.py`` on the gathered lm_head rows.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+import kernels
+
+STRIDE = 20011  # the sweep's step through the vocabulary (coprime with it)
+DRAW_FACTOR, DRAW_EXTRA = 1.7, 256  # a set needing n negatives reads 1.7 n + 256 sweep ids
+
+
+class CandidateSampler:
+    """The candidate sets of ``groups`` groups of rows, each with its own place in the sweep
+    (group g starts at vocab * g // groups, record #92's rank offsets for its 8 ranks), which
+    moves on by the ids it read at each set it builds. ``state_dict`` holds the places, for an
+    exact resume."""
+
+    def __init__(self, vocab: int, groups: int, device):
+        if math.gcd(STRIDE, vocab) != 1:
+            raise ValueError(f"the sweep needs a vocabulary coprime with {STRIDE}, not {vocab}")
+        self.vocab = vocab
+        one = STRIDE * torch.arange(vocab, device=device) % vocab
+        self.sweep = torch.cat([one, one])  # a window may run past the end
+        self.places = torch.tensor([vocab * g // groups for g in range(groups)], device=device)
+
+    def build(self, targets: Tensor, size: int, group: int) -> Tensor:
+        """The sorted (size,) candidate ids of a group whose (rows,) targets are given (no
+        negative ids). The group's distinct targets must not outnumber ``size`` (a device-side
+        assert: no sync)."""
+        vocab = self.vocab
+        chosen = torch.zeros(vocab, dtype=torch.bool, device=targets.device)
+        chosen[targets] = True
+        need = size - chosen.sum()
+        torch._assert_async(need >= 0, "more distinct targets than sampled-softmax candidates")
+        # as the record: read min(V, int(1.7 need) + 256) ids of the sweep (none when need is 0)
+        draw = torch.where(need > 0, torch.clamp((need.double() * DRAW_FACTOR).floor().long()
+                                                 + DRAW_EXTRA, max=vocab), 0)
+        longest = min(vocab, int(size * DRAW_FACTOR) + DRAW_EXTRA)
+        place = self.places[group]
+        window = self.sweep[place + torch.arange(longest, device=targets.device)]
+        free = (torch.arange(longest, device=targets.device) < draw) & ~chosen[window]
+        taken = free & (free.cumsum(0) <= need)
+        # the record's fallback when the window holds too few: every k-th id left, in order
+        spare = ~chosen
+        rank = spare.cumsum(0) - 1
+        every = torch.clamp(spare.sum() // torch.clamp(need, min=1), min=1)
+        fallback = spare & (rank % every == 0) & (rank // every < need)
+        short = free.sum() < need
+        chosen = chosen | (fallback & short)
+        chosen[window] |= taken & ~short
+        self.places[group] = (place + draw) % vocab
+        return _true_positions(chosen, size)
+
+    def state_dict(self) -> dict:
+        return {"places": self.places.cpu().clone()}  # a copy: the places move in place
+
+    def load_state_dict(self, state: dict) -> None:
+        self.places.copy_(state["places"])
+
+
+def _true_positions(mask: Tensor, count: int) -> Tensor:
+    """The ascending indices of a (V,) mask with ``count`` True entries, by ranks and a scatter
+    (no sort, no sync)."""
+    rank = torch.where(mask, mask.cumsum(0) - 1, count)  # False: a spare slot
+    ids = torch.arange(mask.numel(), device=mask.device)
+    return torch.zeros(count + 1, dtype=ids.dtype, device=mask.device).scatter(0, rank, ids)[:count]
+
+
+def positions_in(candidates: Tensor, ids: Tensor) -> Tensor:
+    """The position of each id (any shape, -1 for none) in the sorted ``candidates``, or -1
+    where it is not among them."""
+    found = torch.searchsorted(candidates, ids.clamp_min(0)).clamp_max(candidates.numel() - 1)
+    return torch.where((candidates[found] == ids) & (ids >= 0), found, -1)
+
+
+def sampled_loss(hidden: Tensor, lm_head: Tensor, targets: Tensor, weights: Tensor,
+                 candidates: Tensor, softcap_args, fp8: bool) -> Tensor:
+    """The mean over the T rows of the softcapped cross-entropy over each group's candidates.
+    ``targets`` and ``weights`` (T, J) as ``kernels.linear_softcap_cross_entropy`` takes them
+    (ids, -1 absent); ``candidates`` (G, P), G groups of T / G consecutive rows. A target
+    outside its group's set is absent (weight 0)."""
+    groups = candidates.size(0)
+    rows = hidden.size(0) // groups
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for g in range(groups):
+        part = slice(g * rows, (g + 1) * rows)
+        where = positions_in(candidates[g], targets[part])
+        total = total + kernels.linear_softcap_cross_entropy(
+            hidden[part], lm_head[candidates[g]], where, *softcap_args, fp8=fp8,
+            weights=torch.where(where >= 0, weights[part], 0.0))
+    return total / groups
