@@ -372,3 +372,28 @@ def test_fused_mlp_model_on_gpu(tiny_model_config):
     print({name: round(e, 4) for name, e in errors.items()})
     matrices = {n: errors[n] for n, p in reference.named_parameters() if p.ndim >= 2}
     assert all(e < 0.15 for e in matrices.values()), matrices
+
+
+def test_sampled_softmax_on_gpu():
+    """Record #92's candidate sets built on the GPU equal the CPU's, and the sampled loss with
+    the lm_head's float8 matmuls follows the float32 CPU one (float8's accuracy)."""
+    from layers.sampled import CandidateSampler, sampled_loss
+
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 50257, (2, 4096), generator=g)
+    hidden = torch.randn(8192, 768, generator=g)
+    lm_head = torch.randn(50304, 768, generator=g) * 0.02
+    sets = []
+    for device in ("cpu", "cuda"):
+        sampler = CandidateSampler(50304, groups=2, device=device)
+        sets.append(torch.stack([sampler.build(targets[i].to(device), 10240, i)
+                                 for i in range(2)]).cpu())
+    assert torch.equal(*sets)
+    ids = torch.cat([targets[0], targets[1]])[:, None]
+    weights = torch.ones(8192, 1)
+    losses = []
+    for device, dtype, fp8 in (("cpu", torch.float32, False), ("cuda", torch.bfloat16, True)):
+        losses.append(sampled_loss(hidden.to(device, dtype), lm_head.to(device, dtype),
+                                   ids.to(device), weights.to(device), sets[0].to(device),
+                                   (23.0, 5.0, 7.5, False), fp8).item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)
