@@ -22,9 +22,9 @@ def packed_tokens(n, seed=0):
     return x, torch.roll(x, -1)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_path_matches_cpu_reference(tiny_model_config, compiled):
-    config = dict(tiny_model_config, block_size=128, model_dim=128, num_heads=2, head_dim=64)
+def gpu_against_cpu(config, compiled):
+    """A model with moved weights on the CPU (float32) and its copy on the GPU, one batch
+    through both: the two losses and each parameter's relative gradient error."""
     torch.manual_seed(0)
     reference = make_gpt(config)
     with torch.no_grad():
@@ -40,15 +40,22 @@ def test_cuda_path_matches_cpu_reference(tiny_model_config, compiled):
     run = torch.compile(gpu, dynamic=False, fullgraph=True) if compiled else gpu
     loss_gpu = run(x.cuda(), y.cuda(), document_ids(x.cuda()))
     loss_gpu.backward()
-    assert loss_gpu.item() == pytest.approx(loss_ref.item(), rel=1e-2)
     errors = {name: ((p_gpu.grad.cpu() - p_ref.grad).norm()
                      / p_ref.grad.norm().clamp_min(1e-12)).item()
               for (name, p_ref), p_gpu in zip(reference.named_parameters(), gpu.parameters(),
                                               strict=True)}
+    print({name: round(e, 4) for name, e in errors.items()})
+    return reference, gpu, loss_ref.item(), loss_gpu.item(), errors
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_path_matches_cpu_reference(tiny_model_config, compiled):
+    config = dict(tiny_model_config, block_size=128, model_dim=128, num_heads=2, head_dim=64)
+    reference, _, loss_ref, loss_gpu, errors = gpu_against_cpu(config, compiled)
+    assert loss_gpu == pytest.approx(loss_ref, rel=1e-2)
     # The bf16 residual stream costs ~2% on matrix gradients; the per-layer mix scalars' are
     # sums over every token and channel that largely cancel, measured up to 7% on the H100.
     limits = {name: 0.1 if p.ndim < 2 else 5e-2 for name, p in reference.named_parameters()}
-    print({name: round(e, 4) for name, e in errors.items()})
     assert all(errors[n] < limits[n] for n in errors), {
         n: e for n, e in errors.items() if e >= limits[n]}
 
@@ -346,30 +353,11 @@ def test_fused_mlp_model_on_gpu(tiny_model_config):
     cancel, were up to 64% off on the H100 with the MLP's ~6% float8 error.)"""
     config = dict(tiny_model_config, block_size=128, model_dim=128, num_heads=2, head_dim=64,
                   ffn_dim=512, fp8_mlp=True, fused_mlp=True)
-    torch.manual_seed(0)
-    reference = make_gpt(config)
-    with torch.no_grad():
-        for p in reference.parameters():
-            if p is not reference.embed:
-                p.add_(torch.randn_like(p) * (0.3 if p.ndim < 2 else 0.02))
-        reference.tie.sync()
-    reference.yarn.set_windows((2, 5))
-    gpu = copy.deepcopy(reference).cuda()
-    x, y = packed_tokens(4096)
-    loss_ref = reference(x, y)
-    loss_ref.backward()
-    loss_gpu = torch.compile(gpu, dynamic=False, fullgraph=True)(x.cuda(), y.cuda(),
-                                                                 document_ids(x.cuda()))
-    loss_gpu.backward()
+    reference, gpu, loss_ref, loss_gpu, errors = gpu_against_cpu(config, compiled=True)
     scales = [b.mlp.act_scale.item() for b in gpu.blocks]
     assert all(s != 1.0 for s in scales), scales
     assert [b.mlp.act_scale.item() for b in reference.blocks] == [1.0] * len(scales)
-    assert loss_gpu.item() == pytest.approx(loss_ref.item(), rel=2e-2)
-    errors = {name: ((p_gpu.grad.cpu() - p_ref.grad).norm()
-                     / p_ref.grad.norm().clamp_min(1e-12)).item()
-              for (name, p_ref), p_gpu in zip(reference.named_parameters(), gpu.parameters(),
-                                              strict=True)}
-    print({name: round(e, 4) for name, e in errors.items()})
+    assert loss_gpu == pytest.approx(loss_ref, rel=2e-2)
     matrices = {n: errors[n] for n, p in reference.named_parameters() if p.ndim >= 2}
     assert all(e < 0.15 for e in matrices.values()), matrices
 
