@@ -30,3 +30,15 @@ def uniform_matrix(*shape, std_scale: float, fan_in: int) -> Tensor:
 
 def gate_input(x: Tensor) -> Tensor:
     return x[..., :GATE_CHANNELS]
+
+
+def true_columns(mask: Tensor, width: int) -> Tensor:
+    """Per row of a (rows, n) boolean mask, the ascending indices of its True columns in the
+    first ``width`` slots (slots past a row's count hold 0; no row may have more than
+    ``width``). By ranks from a cumulative sum and one scatter: no sort, which inductor would
+    fuse into slow-compiling kernels, and no host sync."""
+    rows, n = mask.shape
+    rank = torch.where(mask, mask.cumsum(-1) - 1, width)  # False: a spare slot
+    columns = torch.arange(n, device=mask.device).expand(rows, n)
+    slots = torch.zeros(rows, width + 1, dtype=columns.dtype, device=mask.device)
+    return slots.scatter(1, rank, columns)[:, :width]

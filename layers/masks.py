@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from data.shards import BOS_ID
+from layers.core import true_columns
 
 
 def document_ids(inputs: Tensor) -> Tensor:
@@ -56,16 +57,11 @@ def attention_rows(docs: Tensor, queries: int, window, block_size: int, token_wi
 
 def _ordered(mask: Tensor):
     """Per row of a block mask: the number of True blocks and their indices in ascending order
-    (what FlexAttention's own lists hold; entries past the count are never read). By ranks
-    from a cumulative sum and one scatter, not a sort: inductor fuses the sorts of every mask
-    into one kernel whose Triton compile took minutes at 128 blocks (a 16K-token
-    micro-batch)."""
-    rows, n = mask.shape
-    rank = torch.where(mask, mask.cumsum(-1, dtype=torch.int32) - 1, n)  # False: spare slot n
-    columns = torch.arange(n, dtype=torch.int32, device=mask.device).expand(rows, n)
-    indices = torch.zeros(rows, n + 1, dtype=torch.int32, device=mask.device)
-    indices = indices.scatter(1, rank.long(), columns)[:, :n]
+    (what FlexAttention's own lists hold; entries past the count are never read), without the
+    sort FlexAttention uses: inductor fused the sorts of every mask into one kernel whose
+    Triton compile took minutes at 128 blocks (a 16K-token micro-batch)."""
     counts = mask.sum(-1, dtype=torch.int32)
+    indices = true_columns(mask, mask.size(-1)).to(torch.int32)
     return counts[None, None].contiguous(), indices[None, None].contiguous()
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 import kernels
+from layers.core import true_columns
 
 STRIDE = 20011  # the sweep's step through the vocabulary (coprime with it)
 DRAW_FACTOR, DRAW_EXTRA = 1.7, 256  # a set needing n negatives reads 1.7 n + 256 sweep ids
@@ -64,21 +65,13 @@ class CandidateSampler:
         chosen = chosen | (fallback & short)
         chosen[window] |= taken & ~short
         self.places[group] = (place + draw) % vocab
-        return _true_positions(chosen, size)
+        return true_columns(chosen[None], size)[0]
 
     def state_dict(self) -> dict:
         return {"places": self.places.cpu().clone()}  # a copy: the places move in place
 
     def load_state_dict(self, state: dict) -> None:
         self.places.copy_(state["places"])
-
-
-def _true_positions(mask: Tensor, count: int) -> Tensor:
-    """The ascending indices of a (V,) mask with ``count`` True entries, by ranks and a scatter
-    (no sort, no sync)."""
-    rank = torch.where(mask, mask.cumsum(0) - 1, count)  # False: a spare slot
-    ids = torch.arange(mask.numel(), device=mask.device)
-    return torch.zeros(count + 1, dtype=ids.dtype, device=mask.device).scatter(0, rank, ids)[:count]
 
 
 def positions_in(candidates: Tensor, ids: Tensor) -> Tensor:
