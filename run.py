@@ -194,7 +194,7 @@ class RunConfig:
     model: object  # model.GPTConfig
     optimizer: object  # optimizers.OptimizerConfig
     training: object  # train.TrainingConfig
-    schedule: object  # train.Schedule
+    schedule: object  # schedule.Schedule
     data: object  # data.loader.DataConfig
     logging: object  # train.LoggingConfig
     compile: object  # utils.CompileConfig
@@ -206,14 +206,8 @@ def build_config(raw: dict, world_size: int = 1) -> RunConfig:
     from data.loader import DataConfig
     from model import model_config
     from optimizers import OptimizerConfig
-    from train import (
-        LoggingConfig,
-        Schedule,
-        ScheduleConfig,
-        TrainingConfig,
-        validation_context,
-        validation_fits,
-    )
+    from schedule import Schedule, ScheduleConfig
+    from train import LoggingConfig, TrainingConfig, validation_context, validation_fits
     from utils import CompileConfig, build_section
 
     unknown = sorted(set(raw) - set(SECTIONS))

@@ -1,6 +1,6 @@
 """Rotary position embedding, and YaRN: the attention geometry that changes during training.
 
-The long attention window grows during training (``train.Schedule``). Rotary dims that turn
+The long attention window grows during training (``schedule.Schedule``). Rotary dims that turn
 less than about once over the old window have never seen the longer distances, so YaRN
 ("by parts") slows them down by old/new, leaves fast dims alone, blends in between, and raises
 the attention scale by 1 + factor * ln(new / old). ``Yarn`` owns the windows, the frequencies

@@ -199,7 +199,7 @@ def test_the_untie_and_the_first_separate_updates(reference):
         step(params, optimizer, tie, entry)
         if entry["step"] == 847:
             # the record copies the state after its step 847, the trainer before step 848
-            # (train.Schedule: split_frac): the same point between the two
+            # (schedule.Schedule: split_frac): the same point between the two
             tie.untie(optimizer)
         check(params, optimizer, entry, None)
         assert tie.tied == (entry["step"] < 847)
