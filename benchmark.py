@@ -49,7 +49,7 @@ def time_stage(manager, plan, steps, timer):
         start = timer.mark()
         manager.accumulate(plan)
         middle = timer.mark()
-        manager.optimizer_step(manager.schedule.at(plan.step + i).adam)
+        manager.optimizer_step(manager.schedule.at(plan.step + i))
         end = timer.mark()
         if i >= UNTIMED_STEPS:
             step_ms.append((start, end))
@@ -80,7 +80,7 @@ def profile_last_stage(manager, steps=3, rows=25):
     with profile(activities=activities) as prof:
         for i in range(steps):
             manager.accumulate(plan)
-            manager.optimizer_step(manager.schedule.at(plan.step + i).adam)
+            manager.optimizer_step(manager.schedule.at(plan.step + i))
         if cuda:
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"

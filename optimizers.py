@@ -40,6 +40,11 @@ BAM and ANVIL) and wd_eff = weight_decay * label_wd_mul[label] * p.wd_mul. Weigh
 modded-nanogpt: Adam decays a weight by wd_eff * lr_eff ** 2, the matrix optimizers by
 wd_eff * (lr * f) * lr_eff. The matrix momentum is set by the trainer (``set_momentum``);
 the speedrun warms it up from 0.85 to 0.95 and cools it back down to 0.85 at the end.
+
+The embedding tables (``TABLE_LABELS``) may step less often than the other Adam parameters
+(record #92: every fourth step where Adam steps every other): ``step(tables=False)`` leaves
+them and their gradients to accumulate, and ``step(table_pace=k)`` makes their update stand for
+k of theirs (betas to the k-th power, decay times k).
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ from updates import (
     matrix_step_,
 )
 from utils import ConfigError, build_section, check_ranges
+
+# the embedding tables, which the schedule may step at their own pace (schedule.table_adam_every)
+TABLE_LABELS = ("value_embed", "bigram_embed")
 
 LABEL_GROUPS: dict[str, str] = {
     "embed": "adam",
@@ -233,19 +241,22 @@ class _AdamGroup:
         return dict(step=0, exp_avg=zeros, exp_avg_sq=zeros.clone())
 
     @torch.no_grad()
-    def step(self, lr_factor: float) -> None:
-        entries = [e for e in self.entries if e.param.grad is not None]
+    def step(self, lr_factor: float, held: tuple = (), pace: dict | None = None) -> None:
+        """Adam on the parameters with gradients, but those labelled in ``held``; a label in
+        ``pace`` (label -> k) steps as k steps at once: betas ** k, decay times k."""
+        entries = [e for e in self.entries if e.param.grad is not None and e.label not in held]
         if not entries:
             return
         betas, step_sizes, decays = [], [], []
         for e in entries:
-            beta1, beta2 = self.label_betas.get(e.label, self.hp["betas"])
+            k = (pace or {}).get(e.label, 1)
+            beta1, beta2 = (b**k for b in self.label_betas.get(e.label, self.hp["betas"]))
             betas.append((beta1, beta2))
             e.state["step"] += 1
             t = e.state["step"]
             lr = self.hp["lr"] * lr_factor * e.lr_mul
             step_sizes.append(lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
-            decays.append(self.hp["weight_decay"] * e.wd_mul * lr * lr)
+            decays.append(self.hp["weight_decay"] * e.wd_mul * k * lr * lr)
         n, cuda = len(entries), entries[0].param.is_cuda
         for lo, hi in [(0, n)] if self.one_call else [(i, i + 1) for i in range(n)]:
             part = entries[lo:hi]
@@ -510,11 +521,13 @@ class Optimizers:
         return entry
 
     @torch.no_grad()
-    def step(self, adam: bool = True) -> None:
+    def step(self, adam: bool = True, tables: bool = True, table_pace: int = 1) -> None:
         """Step all three groups; the scalar one only drops its grads while frozen. With
         ``adam`` off only the matrix group steps, and the Adam groups' gradients stay to be
         summed with the next steps' (``zero_grad(adam=False)`` keeps them): the record's Adam
-        every other step.
+        every other step. With ``tables`` off the embedding tables (``TABLE_LABELS``) keep
+        theirs likewise (``zero_grad(tables=False)``); ``table_pace`` k makes their update
+        stand for k (record #92: 2, its tables stepping every fourth step).
 
         With several ranks the gradients are the rank's own (the mean over its micro-batches);
         here they become the mean over all ranks. The collectives start first and each is
@@ -526,35 +539,39 @@ class Optimizers:
             self.frozen_scalar_steps -= 1
             for e in self._groups["scalar"].entries:
                 e.param.grad = None
+        held = () if tables else TABLE_LABELS
         stack_steps = self._groups["matrix"].start()
-        reductions = self._all_reduce_adam_grads() if adam else []
+        reductions = self._all_reduce_adam_grads(held) if adam else []
         for stack_step in stack_steps:
             stack_step.update(self.lr_factor, self.momentum, self.schedule_step)
         for work in reductions:
             work.wait()
         if adam:
-            self._groups["adam"].step(self.lr_factor)
+            self._groups["adam"].step(self.lr_factor, held,
+                                      dict.fromkeys(TABLE_LABELS, table_pace))
             if not frozen:
                 self._groups["scalar"].step(self.lr_factor)
         for stack_step in stack_steps:
             stack_step.finish()
 
-    def _all_reduce_adam_grads(self) -> list:
-        """Start averaging the Adam groups' gradients over the ranks (none in a world of one)."""
+    def _all_reduce_adam_grads(self, held: tuple) -> list:
+        """Start averaging the Adam groups' gradients over the ranks (none in a world of one),
+        but those of the labels ``held`` for a later step."""
         if not self.world.distributed:
             return []
         grads = [
             e.param.grad
             for group in ("adam", "scalar")
             for e in self._groups[group].entries
-            if e.param.grad is not None
+            if e.param.grad is not None and e.label not in held
         ]
         return self.world.start_all_reduce_mean(grads)
 
-    def zero_grad(self, adam: bool = True) -> None:
-        """Set every grad to None; with ``adam`` off, the matrix group's only."""
+    def zero_grad(self, adam: bool = True, tables: bool = True) -> None:
+        """Set every grad to None; with ``adam`` off, the matrix group's only; with
+        ``tables`` off, all but the embedding tables'."""
         for e in self._entries:
-            if adam or e.group == "matrix":
+            if (adam or e.group == "matrix") and (tables or e.label not in TABLE_LABELS):
                 e.param.grad = None
 
     def set_lr_factor(self, factor: float) -> None:

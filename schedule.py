@@ -8,6 +8,7 @@ of the step, so a resumed run recomputes exactly what an uninterrupted one would
 that state.
 """
 
+import math
 from dataclasses import dataclass
 
 from utils import ConfigError, build_section, check_ranges
@@ -27,6 +28,9 @@ class Stage:
     mtp_weights_end: tuple | None = None
     prefix_weight: float = 0.0  # loss weight of the next token's longest prefix token
     prefix_weight_end: float | None = None
+    # 0: the prefix weight moves linearly; n: in n equal steps, each held for an n-th of the
+    # stage (record #92: 0.20, 0.15, 0.10, 0.05 towards 0 over its second stage)
+    prefix_weight_levels: int = 0
 
     def __post_init__(self):
         check_windows("schedule.stages: windows", self.windows)
@@ -43,6 +47,12 @@ class Stage:
                               f"mtp_weights ({self.mtp_weights} -> {self.mtp_weights_end})")
         if self.prefix_weight < 0 or (self.prefix_weight_end or 0) < 0:
             raise ConfigError("schedule.stages: prefix weights must be non-negative")
+        if not isinstance(self.prefix_weight_levels, int) or self.prefix_weight_levels < 0:
+            raise ConfigError(f"schedule.stages: prefix_weight_levels must be an int >= 0, got "
+                              f"{self.prefix_weight_levels!r}")
+        if self.prefix_weight_levels and self.prefix_weight_end is None:
+            raise ConfigError("schedule.stages: prefix_weight_levels steps the prefix weight "
+                              "towards prefix_weight_end: give that too")
 
 
 def check_windows(name, windows):
@@ -72,6 +82,14 @@ class ScheduleConfig:
     freeze_scalars_steps: int  # the scalar Adam holds still this long when a stage begins
     adam_every: int  # Adam steps on every n-th step, with the gradients of the n summed
     # defaults: configs saved in checkpoints and models before these keys still load
+    # the first untied step itself, which may fall in the extension (record #92: 1176 of 1194);
+    # None: split_frac of the scheduled iterations
+    untie_step: int | None = None
+    # the embedding tables' Adam (optimizers.TABLE_LABELS) on every n-th step from step
+    # table_adam_from on, with the gradients of the n summed, each update standing for
+    # n / adam_every of Adam's (record #92: 4 from step 336); 0: with the other Adam parameters
+    table_adam_every: int = 0
+    table_adam_from: int = 0
     tail_ema_window: int = 0  # averaging.py: lm_head and embed, the last steps (0: off)
     tail_ema_blend: float = 0.65  # the share of the average in the final weights
     tail_average_window: int = 0  # averaging.py: V/O, MLP, value embeddings (record: 250)
@@ -91,7 +109,8 @@ class ScheduleConfig:
                      non_negative=("num_extension_iterations", "warmup_steps", "final_lr_ratio",
                                    "momentum_warmup_steps", "momentum_cooldown_steps",
                                    "freeze_scalars_steps", "tail_ema_window",
-                                   "tail_average_window", "bank_blend_window"),
+                                   "tail_average_window", "bank_blend_window",
+                                   "table_adam_every", "table_adam_from"),
                      fractions=("cooldown_frac", "split_frac", "tail_ema_blend", "bank_blend",
                                 "bank_blend_correction"),
                      below_one=("momentum_start", "momentum_peak", "momentum_end"))
@@ -100,6 +119,10 @@ class ScheduleConfig:
             if getattr(self, key) > total:
                 raise ConfigError(f"schedule.{key}={getattr(self, key)} is longer than the "
                                   f"run's {total} steps")
+        if self.untie_step is not None and not (
+                isinstance(self.untie_step, int) and 0 <= self.untie_step <= total):
+            raise ConfigError(f"schedule.untie_step must be None or a step from 0 to the run's "
+                              f"{total} ({total}: never untied), got {self.untie_step!r}")
         steps = [pair[0] for pair in self.sampled_softmax if isinstance(pair, tuple)]
         if any(not (isinstance(pair, tuple) and len(pair) == 2
                     and all(isinstance(v, int) and v >= 0 for v in pair) and pair[1] % 16 == 0)
@@ -113,6 +136,14 @@ class ScheduleConfig:
         if self.bank_blend_correction > self.bank_blend:
             raise ConfigError(f"schedule.bank_blend_correction ({self.bank_blend_correction}) "
                               f"must not exceed bank_blend ({self.bank_blend})")
+        if self.table_adam_every and (self.table_adam_every % self.adam_every
+                                      or self.table_adam_every <= self.adam_every):
+            raise ConfigError(f"schedule.table_adam_every ({self.table_adam_every}) must be a "
+                              f"multiple of adam_every ({self.adam_every}) above it, or 0")
+        if self.table_adam_every and self.table_adam_from % self.table_adam_every:
+            raise ConfigError(f"schedule.table_adam_from ({self.table_adam_from}) must be a "
+                              f"multiple of table_adam_every ({self.table_adam_every}): the "
+                              f"tables' first period starts there")
         if self.tail_ema_window and self.adam_every != 2:
             raise ConfigError("schedule.tail_ema_window needs adam_every=2: the average follows "
                               "record #92's cadence, Adam moving the lm_head and the embedding "
@@ -145,6 +176,8 @@ class StepPlan:
     untied: bool  # the embedding trains apart from the lm_head from this step on
     transition: bool  # a stage with other tokens or windows begins: the scalars freeze
     candidates: int = 0  # the sampled softmax's candidates per set (0: the full softmax)
+    tables: bool = True  # the embedding tables' Adam steps with this step's (if adam)
+    table_pace: int = 1  # how many of Adam's steps the tables' update stands for
 
 
 class Schedule:
@@ -164,7 +197,8 @@ class Schedule:
         self.micro_batch_tokens = multiple * seq
         self.round_tokens = self.micro_batch_tokens * world_size  # a micro-batch per process
         self.stages_table = config.stages
-        self.untie_step = round(config.split_frac * self.scheduled)
+        self.untie_step = (round(config.split_frac * self.scheduled)
+                           if config.untie_step is None else config.untie_step)
         self.validation_windows = config.validation_windows
         # the loss weights of the tokens ahead, as many as the widest stage has
         self.mtp_width = max(len(stage.mtp_weights) for stage in config.stages or ((),)) or 1
@@ -235,8 +269,11 @@ class Schedule:
         end = self.starts[index + 1] if index + 1 < len(self.starts) else self.total
         along = (step - self.starts[index]) / (end - self.starts[index])  # [0, 1) in the stage
 
-        def moved(start, finish):
-            return start if finish is None else start + (finish - start) * along
+        def moved(start, finish, levels=0):
+            if finish is None:
+                return start
+            return start + (finish - start) * (math.floor(levels * along) / levels if levels
+                                               else along)
 
         mtp_end = stage.mtp_weights_end or (None,) * len(stage.mtp_weights)
         return StepPlan(step=step, stage=index, tokens=stage.tokens,
@@ -244,12 +281,20 @@ class Schedule:
                         max_seq_len=stage.max_seq_len or self.seq,
                         mtp_weights=tuple(moved(a, b) for a, b in zip(stage.mtp_weights, mtp_end,
                                                                       strict=True)),
-                        prefix_weight=moved(stage.prefix_weight, stage.prefix_weight_end),
+                        prefix_weight=moved(stage.prefix_weight, stage.prefix_weight_end,
+                                            stage.prefix_weight_levels),
                         lr_factor=self._lr_factor(step, stage.lr_mul),
                         momentum=self._momentum(step),
                         adam=(step + 1) % self.config.adam_every == 0,
                         untied=step >= self.untie_step, transition=transition,
-                        candidates=self._candidates(step))
+                        candidates=self._candidates(step), **self._tables(step))
+
+    def _tables(self, step):
+        c = self.config
+        if not c.table_adam_every or step < c.table_adam_from:
+            return dict(tables=True, table_pace=1)
+        return dict(tables=(step + 1) % c.table_adam_every == 0,
+                    table_pace=c.table_adam_every // c.adam_every)
 
     def _candidates(self, step):
         sizes = [size for first, size in self.config.sampled_softmax if first <= step]

@@ -326,7 +326,7 @@ class TrainingManager:
         plan = self.schedule.at(self.step)
         self.apply(plan)
         loss = self.accumulate(plan)
-        self.optimizer_step(plan.adam)
+        self.optimizer_step(plan)
         self.step += 1
         return self.world.all_reduce_mean(loss)
 
@@ -360,17 +360,18 @@ class TrainingManager:
                                                plan.candidates, first + j)
                             for j in range(per_batch)])
 
-    def optimizer_step(self, adam=True):
-        """The optimizer's step on the accumulated gradients; ``adam`` off steps the matrix
-        group alone and keeps the Adam gradients for the next step (schedule.adam_every)."""
+    def optimizer_step(self, plan: StepPlan):
+        """The optimizer's step on the accumulated gradients as ``plan`` asks: without Adam it
+        steps the matrix group alone and keeps the Adam gradients for the next step
+        (schedule.adam_every); without the tables it keeps theirs (schedule.table_adam_every)."""
         collect_table_grads(self.table_grads)
         self.model.tie.fold_grad()
         if self.tc.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip_norm)
-        self.optimizer.step(adam)
-        if adam:
+        self.optimizer.step(plan.adam, plan.tables, plan.table_pace)
+        if plan.adam:
             self.model.tie.sync()
-        self.optimizer.zero_grad(adam)
+        self.optimizer.zero_grad(plan.adam, plan.tables)
 
     def validate(self):
         """The mean next-token loss over the validation tokens (``validation_pieces``); each

@@ -566,6 +566,49 @@ def test_adam_follows_its_formula_with_all_multipliers():
     assert opt.state_dict()["params"][0]["state"]["step"] == 3
 
 
+def test_tables_held_then_stepped_at_their_pace():
+    """step(tables=False) leaves the embedding tables, their state and their summed gradients
+    for a later step, while the other Adam parameters step; table_pace k then equals Adam
+    with the tables' betas to the k-th power and k times their decay, set from the config."""
+    def build(cfg):
+        ve = labelled(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)),
+                      "value_embed")
+        head = labelled(torch.randn(5, 4, generator=torch.Generator().manual_seed(1)),
+                        "lm_head")
+        return ve, head, build_optimizer([("ve", ve), ("head", head)], cfg)
+
+    grads = [torch.randn(6, 4, generator=torch.Generator().manual_seed(10 + i))
+             for i in range(3)]
+    ve, head, opt = build(make_config())
+    opt.set_lr_factor(0.7)
+    ve.grad, head.grad = grads[0].clone(), torch.ones(5, 4)
+    ve_before, head_before = ve.detach().clone(), head.detach().clone()
+    opt.step(tables=False)
+    opt.zero_grad(tables=False)
+    assert torch.equal(ve, ve_before) and not torch.equal(head, head_before)
+    assert torch.equal(ve.grad, grads[0]) and head.grad is None
+    assert opt.state_dict()["params"][0]["state"]["step"] == 0
+    ve.grad += grads[1]
+    opt.step(table_pace=2)
+    opt.zero_grad()
+    ve.grad = grads[2].clone()
+    opt.step(table_pace=2)
+
+    cfg = make_config()
+    beta1, beta2 = cfg["label_betas"]["value_embed"]
+    cfg["label_betas"]["value_embed"] = (beta1**2, beta2**2)
+    cfg["label_wd_mul"]["value_embed"] *= 2
+    ve_ref, _, ref = build(cfg)
+    ref.set_lr_factor(0.7)
+    ve_ref.grad = grads[0] + grads[1]
+    ref.step()
+    ref.zero_grad()
+    ve_ref.grad = grads[2].clone()
+    ref.step()
+    assert torch.equal(ve, ve_ref)
+    assert opt.state_dict()["params"][0]["state"]["step"] == 2
+
+
 def test_bf16_parameters_keep_their_dtype_with_fp32_state():
     w = labelled(torch.randn(8, 16).bfloat16(), "mlp")
     e = labelled(torch.randn(10, 4).bfloat16(), "embed")

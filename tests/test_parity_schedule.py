@@ -60,3 +60,48 @@ def test_windows_grow_with_yarn_at_the_records_steps(reference, schedule):
     assert schedule.validation_windows == (final["short_window_blocks"],
                                            final["long_window_blocks"])
     assert yarn.attn_scale.item() == pytest.approx(final["attn_scale"], rel=1e-6)
+
+
+RECORD92 = REPO_ROOT / "tests" / "reference" / "record92" / "schedule.json"
+
+
+def test_record92_schedule_matches_the_record_at_every_step():
+    """config/record92.py's stage table against record #92's own schedule code at all 1194
+    steps: the grown third stage, the batch taper, the cooldown from step 234 to an absolute
+    0.30, the momentum (ANVIL's) to 0.93, the stepped prefix weight, the untie inside the
+    extension and the sampled softmax's candidates. The record's document cap of 3072 from
+    the third stage on is not ported: this trainer's segments stay at 2048 there. The
+    embedding tables' Adam every fourth step from step 336, with squared betas and twice the
+    decay, is compared too."""
+    data = json.loads(RECORD92.read_text())
+    steps = [dict(zip(data["columns"], row, strict=True)) for row in data["steps"]]
+    config = run.build_config(run.load_config(REPO_ROOT / "config" / "record92.py"))
+    schedule, optimizer = config.schedule, config.optimizer
+    betas = optimizer.label_betas["value_embed"]
+    assert optimizer.label_betas["bigram_embed"] == betas
+    wd_mul = optimizer.label_wd_mul["value_embed"]
+    assert optimizer.label_wd_mul["bigram_embed"] == wd_mul
+    assert schedule.total == len(steps) == 1194
+    assert schedule.starts + [schedule.total] == data["constants"]["stage_ends"]
+    for want in steps:
+        plan = schedule.at(want["step"])
+        where = f"step {want['step']}"
+        assert plan.stage == want["stage"], where
+        assert plan.tokens == want["tokens"], where
+        assert plan.max_seq_len == min(want["train_max_seq_len"], 2048), where
+        assert plan.windows == (want["short_window_blocks"], want["long_window_blocks"]), where
+        assert plan.lr_factor == pytest.approx(want["lr_multiplier"], rel=1e-12), where
+        assert plan.momentum == pytest.approx(want["muon_momentum"], rel=1e-12), where
+        assert plan.mtp_weights == pytest.approx(want["mtp_weights"], rel=1e-7, abs=1e-12), where
+        assert plan.prefix_weight == pytest.approx(want["prefix_weight"], rel=1e-12), where
+        assert plan.adam == want["adam_step"], where
+        assert plan.untied == (not want["embed_tied"]), where
+        assert plan.candidates == want["sns_candidates"], where
+        # the embedding tables' Adam: when, and as how many of Adam's steps (betas to that
+        # power, decay times it: the record's (0.75, 0.95) -> squared, wd_mul 5 -> 10)
+        assert (plan.adam and plan.tables) == want["embed_table_adam_step"], where
+        assert [b**plan.table_pace for b in betas] == want["embed_table_betas"], where
+        assert wd_mul * plan.table_pace == want["embed_table_wd_mul"], where
+    final = data["final_validation"]
+    assert schedule.validation_windows == (final["short_window_blocks"],
+                                           final["long_window_blocks"])

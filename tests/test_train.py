@@ -118,6 +118,32 @@ def test_schedule_stages_and_factors(config):
         [0.85, 0.95, 0.95, 0.95, 0.90])
 
 
+def test_stepped_prefix_weight_and_an_absolute_untie_step(config):
+    """prefix_weight_levels holds the weight in equal steps over the stage (record #92's
+    0.20 / 0.15 / 0.10 / 0.05); untie_step replaces split_frac and may fall in the extension."""
+    stages = config["schedule"]["stages"]
+    config["schedule"].update(untie_step=13, stages=(
+        stages[0], dict(stages[1], prefix_weight=0.2, prefix_weight_end=0.0,
+                        prefix_weight_levels=2), *stages[2:]))
+    s = run.build_config(config).schedule
+    assert [s.at(i).prefix_weight for i in range(3, 9)] == pytest.approx(
+        [0.0, 0.2, 0.2, 0.1, 0.1, 0.0])
+    assert [s.at(i).untied for i in (11, 12, 13)] == [False, False, True]
+    for key, value, message in [
+            ("untie_step", 15, "untie_step must be None or a step from 0 to the run's 14"),
+            ("untie_step", 2.5, "untie_step. expects int or None"),
+            ("prefix_weight_levels", -1, "prefix_weight_levels must be an int >= 0"),
+            ("prefix_weight_end", None, "prefix_weight_levels steps the prefix weight")]:
+        if key == "untie_step":
+            config["schedule"]["untie_step"] = value
+        else:
+            row = dict(stages[1], prefix_weight_end=0.0, prefix_weight_levels=2)
+            config["schedule"].update(untie_step=None,
+                                      stages=(stages[0], {**row, key: value}, *stages[2:]))
+        with pytest.raises(utils.ConfigError, match=message):
+            run.build_config(config)
+
+
 def test_a_stage_that_changes_nothing_is_no_transition(config):
     stages = config["schedule"]["stages"]
     config["schedule"]["stages"] = (*stages[:3], dict(stages[3], windows=(2, 4)))
@@ -264,6 +290,35 @@ def test_resume_equals_uninterrupted(config, tmp_path, adam_every):
     resumed = manager_for(config, tmp_path)
     resumed.load_checkpoint(path)
     assert resumed.step == 5
+    assert losses_of(resumed, 9) == expected[5:]
+
+
+def test_tables_step_at_their_own_pace_and_resume_exactly(config, tmp_path):
+    """schedule.table_adam_every: from step 4 the embedding tables move only on steps 3 mod 4,
+    the other Adam parameters on every odd step; a checkpoint at step 5 holds the tables' two
+    steps of gradients and the resumed run equals the uninterrupted one."""
+    from optimizers import TABLE_LABELS
+
+    config["schedule"].update(adam_every=2, table_adam_every=4, table_adam_from=4)
+    reference = manager_for(config, tmp_path)
+    tables = [p for p in reference.model.parameters() if p.label in TABLE_LABELS]
+    head = reference.model.lm_head
+    assert tables
+    moved, head_moved, expected = [], [], []
+    for step in range(14):
+        before, head_before = [p.detach().clone() for p in tables], head.detach().clone()
+        expected.append(reference.train_step().item())
+        changed = [not torch.equal(p, b) for p, b in zip(tables, before, strict=True)]
+        assert len(set(changed)) == 1, step
+        moved.append(changed[0])
+        head_moved.append(not torch.equal(head, head_before))
+    assert [s for s in range(14) if moved[s]] == [1, 3, 7, 11]
+    assert [s for s in range(14) if head_moved[s]] == [1, 3, 5, 7, 9, 11, 13]
+    first = manager_for(config, tmp_path)
+    losses_of(first, 5)
+    path = first.save_checkpoint(tmp_path / "ckpt" / "mid.pt")
+    resumed = manager_for(config, tmp_path)
+    resumed.load_checkpoint(path)
     assert losses_of(resumed, 9) == expected[5:]
 
 
