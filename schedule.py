@@ -90,6 +90,9 @@ class ScheduleConfig:
     # n / adam_every of Adam's (record #92: 4 from step 336); 0: with the other Adam parameters
     table_adam_every: int = 0
     table_adam_from: int = 0
+    # training attends within segments of at most this many tokens of a document (record #92:
+    # 2560, its documents up to 3072 long); validation within whole documents; 0: no cap
+    attention_segment_cap: int = 0
     tail_ema_window: int = 0  # averaging.py: lm_head and embed, the last steps (0: off)
     tail_ema_blend: float = 0.65  # the share of the average in the final weights
     tail_average_window: int = 0  # averaging.py: V/O, MLP, value embeddings (record: 250)
@@ -110,7 +113,8 @@ class ScheduleConfig:
                                    "momentum_warmup_steps", "momentum_cooldown_steps",
                                    "freeze_scalars_steps", "tail_ema_window",
                                    "tail_average_window", "bank_blend_window",
-                                   "table_adam_every", "table_adam_from"),
+                                   "table_adam_every", "table_adam_from",
+                                   "attention_segment_cap"),
                      fractions=("cooldown_frac", "split_frac", "tail_ema_blend", "bank_blend",
                                 "bank_blend_correction"),
                      below_one=("momentum_start", "momentum_peak", "momentum_end"))
@@ -234,9 +238,10 @@ class Schedule:
                                   f"{self.describe_round()}; {self._batch_fix()}")
         check_windows("schedule.validation_windows", self.config.validation_windows)
         for stage in self.stages_table:
-            if stage.max_seq_len is not None and not 1 <= stage.max_seq_len <= self.seq:
+            if (stage.max_seq_len is not None
+                    and not 1 <= stage.max_seq_len <= self.micro_batch_tokens):
                 raise ConfigError(f"schedule.stages: max_seq_len {stage.max_seq_len} must be "
-                                  f"between 1 and training_config.max_seq_len ({self.seq})")
+                                  f"between 1 and {self.describe_round()}")
         rows = self.config.sampled_softmax_rows
         if self.config.sampled_softmax and self.micro_batch_tokens % rows:
             raise ConfigError(f"schedule.sampled_softmax_rows ({rows}) must divide "

@@ -79,7 +79,9 @@ class TrainingConfig:
     device: str  # cuda | cpu
     seed: int
     run_name: str
-    max_seq_len: int  # longest segment (document head) in a packed micro-batch
+    # the micro-batch's unit, and the longest segment (document head) of a stage that names
+    # none (a stage's own may be longer, up to the micro-batch)
+    max_seq_len: int
     batch_size_multiple: int  # micro-batch = batch_size_multiple x max_seq_len tokens
     val_tokens: int
     val_chunk_tokens: int  # validation attends within chunks of this many tokens
@@ -340,7 +342,8 @@ class TrainingManager:
             inputs, targets = self.train_loader.next_batch()
             # without candidates the call is validation's: one graph for both
             sets = self.candidates(plan, index, targets)
-            loss = self.compiled(inputs, targets, document_ids(inputs), self.loss_weights,
+            docs = document_ids(inputs, self.schedule.config.attention_segment_cap)
+            loss = self.compiled(inputs, targets, docs, self.loss_weights,
                                  *(() if sets is None else (sets,)))
             (loss * factor).backward()
             total += loss.detach()

@@ -1,12 +1,12 @@
 """What this trainer has of modded-nanogpt's record #92 (ANVIL2, 2026-08-30, commit fd1b14a5):
-its schedule (1122 + 52 grown scheduled steps and 20 extension steps, 329M tokens, the
-embedding tables' Adam every fourth step from step 336), the ANVIL optimizer, the sampled
-softmax and the four weight ships, on record #89's model.
+its schedule (1122 + 52 grown scheduled steps and 20 extension steps, 329M tokens, documents
+of up to 3072 tokens attending in segments of 2560 from the third stage on, the embedding
+tables' Adam every fourth step from step 336), the ANVIL optimizer, the sampled softmax and the
+four weight ships, on record #89's model.
 
 Not yet here (README, Recipe): record #92's model (mixed-width attention, its removed layer,
-three YaRN tables, the hashed n-gram table), its document cap of 3072 tokens with attention
-segments of 2560 (here 2048 from the second stage on). So this is not record #92; it is
-config/base.py with every piece of record #92 that is ported, to compare with it.
+three YaRN tables, the hashed n-gram table). So this is not record #92; it is config/base.py
+with every piece of record #92 that is ported, to compare with it.
 """
 
 import math
@@ -35,11 +35,13 @@ schedule = dict(
         dict(duration=361 / 1174, tokens=262_144, windows=(3, 7), lr_mul=1.52,
              mtp_weights=(1.0, 0.5), mtp_weights_end=(1.0, 0.0), prefix_weight=0.20,
              prefix_weight_end=0.0, prefix_weight_levels=4),
-        dict(duration=426 / 1174, tokens=393_216, windows=(5, 11), lr_mul=1.73),
+        dict(duration=426 / 1174, tokens=393_216, windows=(5, 11), lr_mul=1.73,
+             max_seq_len=3072),
         dict(duration=67 / 1174, tokens=327_680, windows=(5, 11),
-             lr_mul=1.73 * math.sqrt(20 / 24)),
-        dict(tokens=131_072, windows=(6, 13), lr_mul=1.0),
+             lr_mul=1.73 * math.sqrt(20 / 24), max_seq_len=3072),
+        dict(tokens=131_072, windows=(6, 13), lr_mul=1.0, max_seq_len=3072),
     ),
+    attention_segment_cap=2560,  # documents of up to 3072 tokens attend in pieces of 2560
     cooldown_frac=940 / 1174,  # from step 234 (the record's int(1174 x 0.2)) to step 1174
     final_lr_ratio=0.30,
     momentum_peak=0.93,

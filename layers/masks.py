@@ -2,7 +2,8 @@
 
     query q may attend key k  <=>  k <= q  and  doc(k) == doc(q)  and  k is in q's window
 
-doc(t) counts the BOS tokens up to t, so a document starts at its BOS. The window is counted
+doc(t) counts the BOS tokens up to t, so a document starts at its BOS (and, with a segment cap,
+a new segment every that many tokens of a long document). The window is counted
 in blocks (block(q) - block(k) < window, record #55) or in tokens (q - k <= window, as
 FlashAttention's sliding window of record #89: window + 1 keys). On CUDA the rule is a
 FlexAttention ``BlockMask`` (block-sparse: whole key blocks are skipped); on the CPU, where
@@ -18,8 +19,16 @@ from data.shards import BOS_ID
 from layers.core import true_columns
 
 
-def document_ids(inputs: Tensor) -> Tensor:
-    return (inputs == BOS_ID).cumsum(0).to(torch.int32)
+def document_ids(inputs: Tensor, segment_cap: int = 0) -> Tensor:
+    """doc(t) for a flat row of tokens. With ``segment_cap``, a document longer than that is
+    cut, for attention only, into segments of ``segment_cap`` tokens counted from its BOS
+    (record #92's attention segments of 2560 tokens in documents of up to 3072)."""
+    starts = inputs == BOS_ID
+    if segment_cap:
+        t = torch.arange(inputs.numel(), device=inputs.device)
+        since = t - torch.cummax(torch.where(starts, t, 0), 0).values  # tokens since the BOS
+        starts = starts | ((since % segment_cap == 0) & (since > 0))
+    return starts.cumsum(0).to(torch.int32)
 
 
 def dense_attention_mask(docs: Tensor, window, block_size: int, token_window=False,

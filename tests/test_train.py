@@ -144,6 +144,29 @@ def test_stepped_prefix_weight_and_an_absolute_untie_step(config):
             run.build_config(config)
 
 
+def test_long_segments_and_the_attention_segment_cap(config, tmp_path):
+    """A stage's segments may be longer than training_config.max_seq_len, up to the
+    micro-batch (record #92's 3072 over 2048), and attention_segment_cap then cuts training's
+    attention into segments (record #92's 2560); validation keeps whole documents."""
+    stages = config["schedule"]["stages"]
+    config["schedule"]["stages"] = (*stages[:2], dict(stages[2], max_seq_len=128), stages[3])
+    assert run.build_config(config).schedule.at(8).max_seq_len == 128
+    whole = manager_for(config, tmp_path)
+    config["schedule"]["attention_segment_cap"] = 24
+    capped = manager_for(config, tmp_path)
+    seen = []
+    real = train.document_ids
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "document_ids", lambda x, cap=0: seen.append(cap) or real(x, cap))
+        assert losses_of(whole, 4) != losses_of(capped, 4)
+        capped.validate()
+    assert seen == [0] * 4 + [24] * 4 + [0] * (len(seen) - 8) and len(seen) > 8
+    config["schedule"]["stages"] = (*stages[:2], dict(stages[2], max_seq_len=129), stages[3])
+    with pytest.raises(utils.ConfigError, match="max_seq_len 129 must be between 1 and the "
+                                                "micro-batch \\(128"):
+        run.build_config(config)
+
+
 def test_a_stage_that_changes_nothing_is_no_transition(config):
     stages = config["schedule"]["stages"]
     config["schedule"]["stages"] = (*stages[:3], dict(stages[3], windows=(2, 4)))
