@@ -15,9 +15,12 @@ around again, counting epochs):
   by ``max_seq_len`` or by a micro-batch's end, and those before a shard's first BOS (a FineWeb
   shard may open with the end of the previous shard's last document); ``BOSFinder`` counts
   served and dropped tokens, which add up to the shard.
-* Targets are the true next tokens: for a segment at shard positions [s, s+L) they are tokens
-  [s+1, s+L+1), i.e. the document's continuation where it was cut, the next document's BOS (end
-  of text) where it was whole, and BOS after the shard's last token.
+* Targets are the next tokens of the packed row, as the records' loader makes them (it
+  concatenates the segments and shifts by one): inside a segment the document's next token,
+  after a segment's last token the next segment's BOS (end of text), also where ``max_seq_len``
+  cut the document short. The micro-batch's last segment ends on its true next token (the
+  document's continuation where the micro-batch's end cut it, BOS where it was whole), and BOS
+  stands in after a shard's last token.
 * With ``world_size`` W the single-rank sequence of micro-batches b0, b1, ... is dealt round
   robin: rank r gets b_{kW+r}. The saved state is taken at the end of a round, so it is the same
   on every rank and any rank's state resumes all of them.
@@ -240,6 +243,9 @@ class BatchStream:
                     _copy_segment(finder.tokens, start, inputs[filled:end], targets[filled:end])
                 segments.append((self.shard, start, length))
                 filled += length
+        if materialize:
+            ends = np.cumsum([length for *_, length in segments])[:-1]
+            targets[ends - 1] = BOS_ID  # the next segment's first token
         return Batch(inputs, targets, segments) if materialize else None
 
     def _current_finder(self) -> BOSFinder:

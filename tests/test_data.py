@@ -222,7 +222,7 @@ def test_best_fit_drops_fewer_tokens_than_packing_in_order(train_shards):
 # ----------------------------------------------------------------------------- BatchStream
 
 
-def test_batches_are_bos_aligned_with_true_next_token_targets(tmp_path, train_shards):
+def test_batches_are_bos_aligned_with_the_packed_rows_next_tokens(tmp_path, train_shards):
     files = find_shards(str(tmp_path / "train_*.bin"))
     stream = BatchStream(files, T, MAX_SEQ_LEN)
     batches = take(stream, 60)  # about two passes over the three shards
@@ -235,16 +235,32 @@ def test_batches_are_bos_aligned_with_true_next_token_targets(tmp_path, train_sh
         assert offsets[-1] == T
         # Documents hold no inner BOS, so BOS marks exactly the segment starts.
         assert list(np.flatnonzero(batch.inputs == BOS_ID)) == list(offsets[:-1])
-        for (shard, start, length), offset in zip(batch.segments, offsets, strict=False):
+        for i, ((shard, start, length), offset) in enumerate(zip(batch.segments, offsets,
+                                                                  strict=False)):
             assert length <= MAX_SEQ_LEN
             tokens = np.append(train_shards[shard], BOS_ID)  # BOS follows a shard's last token
             assert np.array_equal(batch.inputs[offset:offset + length],
                                   tokens[start:start + length])
-            assert np.array_equal(batch.targets[offset:offset + length],
-                                  tokens[start + 1:start + length + 1])
+            want = tokens[start + 1:start + length + 1].copy()
+            if i < len(batch.segments) - 1:  # the row's next token: the next segment's BOS
+                want[-1] = BOS_ID
+            assert np.array_equal(batch.targets[offset:offset + length], want)
+        # the records' targets: the row shifted by one, and the last one the true next token
+        assert np.array_equal(batch.targets[:-1], batch.inputs[1:])
     starts = [(shard, start) for b in batches for shard, start, _ in b.segments]
     first_doc = (0, int(np.flatnonzero(train_shards[0] == BOS_ID)[0]))
     assert starts.count(first_doc) == stream.epoch + 1  # served again after each wrap
+
+
+def test_a_document_cut_by_max_seq_len_ends_on_bos_unless_it_ends_the_batch(tmp_path):
+    # As the records' loader: the segments are one row and the targets that row shifted by
+    # one, so a document cut short by max_seq_len is trained to end there; the micro-batch's
+    # last segment keeps its true next token.
+    write_shard(tmp_path / "s.bin", [BOS_ID, 1, 2, 3, 4, 5, BOS_ID, 6, 7, 8, 9])
+    stream = BatchStream([tmp_path / "s.bin"], micro_batch_tokens=8, max_seq_len=4, lookahead=0)
+    batch = stream.next_batch()
+    assert batch.inputs.tolist() == [BOS_ID, 1, 2, 3, BOS_ID, 6, 7, 8]
+    assert batch.targets.tolist() == [1, 2, 3, BOS_ID, 6, 7, 8, 9]
 
 
 def test_targets_continue_cut_documents_and_end_whole_ones(tmp_path):
