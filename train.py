@@ -26,7 +26,7 @@ from data.loader import DataLoader, validation_pieces
 from distributed import World
 from layers.embeddings import collect_table_grads
 from layers.masks import document_ids
-from layers.sampled import CandidateSampler
+from layers.sampled import CandidateSampler, mark_set_size_dynamic
 from model import build_model, model_config
 from optimizers import build_optimizer
 from schedule import Schedule, StepPlan
@@ -359,9 +359,9 @@ class TrainingManager:
         rows = self.schedule.config.sampled_softmax_rows
         per_batch = targets.numel() // rows
         first = (index * self.world.world_size + self.world.rank) * per_batch
-        return torch.stack([self.sampler.build(targets[j * rows:(j + 1) * rows],
-                                               plan.candidates, first + j)
-                            for j in range(per_batch)])
+        return mark_set_size_dynamic(torch.stack([
+            self.sampler.build(targets[j * rows:(j + 1) * rows], plan.candidates, first + j)
+            for j in range(per_batch)]))
 
     def optimizer_step(self, plan: StepPlan):
         """The optimizer's step on the accumulated gradients as ``plan`` asks: without Adam it
@@ -412,7 +412,8 @@ class TrainingManager:
         self.step = 0
         for _ in range(self.schedule.config.adam_every):  # a step with Adam's update too
             self.train_step()
-        # the graph of each other candidate count of the sampled softmax (0: the full one)
+        # each other set size of the sampled softmax: the full softmax's graph (0), and a run
+        # of the sampled graph at every size, which serves them all (mark_set_size_dynamic)
         sizes = {size for _, size in self.schedule.config.sampled_softmax} | {0}
         for size in sorted(sizes - {self.schedule.at(0).candidates}):
             plan = replace(self.schedule.at(0), accumulation=1, candidates=size)

@@ -114,6 +114,31 @@ def test_the_models_groups_end_their_tokens_ahead(tiny_model_config):
     torch.testing.assert_close(got, torch.stack(want).mean())
 
 
+def test_one_compiled_graph_serves_every_set_size(tiny_model_config):
+    """With the set size marked dynamic (as the trainer marks it) the compiled model (fullgraph,
+    dynamic=False, as the trainer compiles it) traces once for all the schedule's sizes and
+    gives the eager losses."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from layers.sampled import mark_set_size_dynamic
+
+    gpt = make_gpt(dict(tiny_model_config, prefix_prediction=False))
+    tokens = torch.randint(0, 50000, (128,), generator=torch.Generator().manual_seed(0))
+    inputs, targets = tokens, torch.roll(tokens, -1)
+    weights = torch.tensor([1.0, 0.5, 0.0])
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(gpt, backend=counter, dynamic=False, fullgraph=True)
+    sampler = CandidateSampler(gpt.config.padded_vocab, groups=2, device="cpu")
+    for size in (256, 320, 448):
+        candidates = torch.stack([sampler.build(targets[g * 64:(g + 1) * 64], size, g)
+                                  for g in range(2)])
+        want = gpt(inputs, targets, loss_weights=weights, candidates=candidates)
+        got = compiled(inputs, targets, loss_weights=weights,
+                       candidates=mark_set_size_dynamic(candidates))
+        torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1
+
+
 def test_more_targets_than_candidates_is_refused():
     sampler = CandidateSampler(512, groups=1, device="cpu")
     with pytest.raises(RuntimeError, match="more distinct targets"):
