@@ -25,23 +25,27 @@ def schedule():
     return run.build_config(run.load_config(REPO_ROOT / "config" / "base.py")).schedule
 
 
+def assert_plan_is_the_records(plan, want):
+    """The columns both records' references have."""
+    where = f"step {want['step']}"
+    assert plan.stage == want["stage"], where
+    assert plan.tokens == want["tokens"], where
+    assert plan.max_seq_len == want["train_max_seq_len"], where
+    assert plan.windows == (want["short_window_blocks"], want["long_window_blocks"]), where
+    # float64 here, the same formulas; the record's MTP weights are float32 tensors
+    assert plan.lr_factor == pytest.approx(want["lr_multiplier"], rel=1e-12), where
+    assert plan.momentum == pytest.approx(want["muon_momentum"], rel=1e-12), where
+    assert plan.mtp_weights == pytest.approx(want["mtp_weights"], rel=1e-7, abs=1e-12), where
+    assert plan.prefix_weight == pytest.approx(want["prefix_weight"], rel=1e-7), where
+    assert plan.adam == want["adam_step"], where
+    assert plan.untied == (not want["embed_tied"]), where
+
+
 def test_every_step_matches_the_record(reference, schedule):
     steps, _ = reference
     assert schedule.total == len(steps) == 1285
     for want in steps:
-        plan = schedule.at(want["step"])
-        where = f"step {want['step']}"
-        assert plan.stage == want["stage"], where
-        assert plan.tokens == want["tokens"], where
-        assert plan.max_seq_len == want["train_max_seq_len"], where
-        assert plan.windows == (want["short_window_blocks"], want["long_window_blocks"]), where
-        # float64 here, the same formulas; the record's MTP weights are float32 tensors
-        assert plan.lr_factor == pytest.approx(want["lr_multiplier"], rel=1e-12), where
-        assert plan.momentum == pytest.approx(want["muon_momentum"], rel=1e-12), where
-        assert plan.mtp_weights == pytest.approx(want["mtp_weights"], rel=1e-7, abs=1e-12), where
-        assert plan.prefix_weight == pytest.approx(want["prefix_weight"], rel=1e-7), where
-        assert plan.adam == want["adam_step"], where
-        assert plan.untied == (not want["embed_tied"]), where
+        assert_plan_is_the_records(schedule.at(want["step"]), want)
 
 
 def test_windows_grow_with_yarn_at_the_records_steps(reference, schedule):
@@ -84,19 +88,10 @@ def test_record92_schedule_matches_the_record_at_every_step():
     assert schedule.starts + [schedule.total] == data["constants"]["stage_ends"]
     for want in steps:
         plan = schedule.at(want["step"])
+        assert_plan_is_the_records(plan, want)
         where = f"step {want['step']}"
-        assert plan.stage == want["stage"], where
-        assert plan.tokens == want["tokens"], where
-        assert plan.max_seq_len == want["train_max_seq_len"], where
         assert min(plan.max_seq_len, schedule.config.attention_segment_cap) == want[
             "attn_segment_cap"], where
-        assert plan.windows == (want["short_window_blocks"], want["long_window_blocks"]), where
-        assert plan.lr_factor == pytest.approx(want["lr_multiplier"], rel=1e-12), where
-        assert plan.momentum == pytest.approx(want["muon_momentum"], rel=1e-12), where
-        assert plan.mtp_weights == pytest.approx(want["mtp_weights"], rel=1e-7, abs=1e-12), where
-        assert plan.prefix_weight == pytest.approx(want["prefix_weight"], rel=1e-12), where
-        assert plan.adam == want["adam_step"], where
-        assert plan.untied == (not want["embed_tied"]), where
         assert plan.candidates == want["sns_candidates"], where
         # the embedding tables' Adam: when, and as how many of Adam's steps (betas to that
         # power, decay times it: the record's (0.75, 0.95) -> squared, wd_mul 5 -> 10)
