@@ -37,6 +37,7 @@ from layers.head import SpeedrunLM
 from layers.masks import attention_masks, document_ids
 from layers.mlp import ACTIVATIONS, MLP
 from layers.mudd import MUDD_SCALE, CoefficientNet, GateLayout, GateNetworks
+from layers.ngram import NgramEmbedding
 from layers.rotary import Yarn, rotary_tables
 from utils import ConfigError, build_section, check_ranges
 
@@ -98,6 +99,9 @@ class GPTConfig:
     init_std: float  # matrices: uniform with std init_std / sqrt(fan_in)
     lm_head_init_std: float
     mlp_proj_lr_mul: float  # the record's c_proj: its shape factor 2 times its own 2
+    # record #92's n-gram table in the bigram table's place (layers/ngram.py): bigram_rows rows,
+    # half looked up by the token pair, half by the last three tokens; trained by row-wise Adam
+    ngram_table: bool = False
 
     def __post_init__(self):
         check_ranges("model_config", self,
@@ -139,15 +143,21 @@ class GPTConfig:
         for name in ("post_gate_layer", "shared_input_layer", "skip_source"):
             if not 0 < getattr(self, name) < last:
                 problems.append(f"{name} must be a layer between the first and the last")
+        signs = self.bigram_sign_rows
+        if self.ngram_table and (self.bigram_rows < 8 or self.bigram_rows % 2
+                                 or signs < 1 or signs & (signs - 1)):
+            problems.append(f"ngram_table needs an even bigram_rows of at least 8 and a power of "
+                            f"two of bigram_sign_rows, got {self.bigram_rows} and {signs}")
         if problems:
             raise ConfigError("model_config: " + "; ".join(problems))
 
     def receptive_field(self, windows) -> int:
         """How many tokens back a token's output can depend on at ``windows`` (short, long) in
         blocks: each attention layer reaches its window back (a paired layer half of it, in
-        rows), the key offset, the smear gate and the bigram hash one token more."""
+        rows), the key offset one token more, and the token-level pieces two: the smear gate
+        and the bigram hash read one token back, the n-gram table's trigram two."""
         c = self
-        reach = 2  # smear, bigram
+        reach = 2
         for letter in c.window_pattern:
             if letter != "-":
                 reach += (windows[1] if letter == "L" else windows[0]) * c.block_size + 1
@@ -210,7 +220,8 @@ class GPT(SpeedrunLM):
         self.smear = SmearGate(across_documents=True, gate_lr_mul=0.01, gate_wd_mul=0.0)
         self.value_embeds = ValueEmbeddings(vocab, dim, config.value_embed_layers,
                                             init_std=config.value_embed_init_std)
-        self.bigram = (BigramEmbedding(config.bigram_rows, dim, config.bigram_sign_rows)
+        table = NgramEmbedding if config.ngram_table else BigramEmbedding
+        self.bigram = (table(config.bigram_rows, dim, config.bigram_sign_rows)
                        if config.bigram_rows else None)
         attention = [i for i in range(config.num_layers) if config.window_pattern[i] != "-"]
         standard = [i for i in attention if i != last]

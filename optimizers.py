@@ -237,6 +237,9 @@ class _AdamGroup:
         self.entries: list[_Entry] = []
 
     def init_state(self, p: Tensor) -> dict:
+        if getattr(p, "row_adam", False):  # no momentum, a second moment a row
+            return dict(step=0, exp_avg=p.new_zeros(0, dtype=torch.float32),
+                        exp_avg_sq=p.new_zeros(p.size(0), 1, dtype=torch.float32))
         zeros = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         return dict(step=0, exp_avg=zeros, exp_avg_sq=zeros.clone())
 
@@ -251,6 +254,8 @@ class _AdamGroup:
         for e in entries:
             k = (pace or {}).get(e.label, 1)
             beta1, beta2 = (b**k for b in self.label_betas.get(e.label, self.hp["betas"]))
+            if not e.state["exp_avg"].numel():
+                beta1 = 0.0  # row-wise: no momentum, whatever the label's betas
             betas.append((beta1, beta2))
             e.state["step"] += 1
             t = e.state["step"]

@@ -191,13 +191,19 @@ def adam_update_(
     """One Adam step on ``p`` and its fp32 moments, all in place.
 
     ``step_size`` carries the lr and both bias corrections. Weight decay is decoupled and
-    cautious; ``> 0`` follows modded-nanogpt's Adam.
+    cautious; ``> 0`` follows modded-nanogpt's Adam. Row-wise (record #92's n-gram table): an
+    empty ``exp_avg`` (no momentum) and a (rows, 1) ``exp_avg_sq``, the mean of a row's squared
+    gradients.
     """
     beta1, beta2 = betas
     g = grad.float()
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    update = exp_avg.div(exp_avg_sq.sqrt().add_(eps)).mul_(step_size)
+    if exp_avg.numel():
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    else:
+        exp_avg_sq.mul_(beta2).add_(g.square().mean(-1, keepdim=True), alpha=1 - beta2)
+    momentum = exp_avg if exp_avg.numel() else g
+    update = momentum.div(exp_avg_sq.sqrt().add_(eps)).mul_(step_size)
     update.add_(p * ((update * p) > 0) * decay)
     p.sub_(update)
 

@@ -1,19 +1,25 @@
 """What this trainer has of modded-nanogpt's record #92 (ANVIL2, 2026-08-30, commit fd1b14a5):
 its schedule (1122 + 52 grown scheduled steps and 20 extension steps, 329M tokens, documents
 of up to 3072 tokens attending in segments of 2560 from the third stage on, the embedding
-tables' Adam every fourth step from step 336), the ANVIL optimizer, the sampled softmax and the
-four weight ships, on record #89's model.
+tables' Adam every fourth step from step 336), the ANVIL optimizer, the sampled softmax, the
+four weight ships and the hashed n-gram table (smaller), on record #89's model.
 
 Not yet here (README, Recipe): record #92's model (mixed-width attention, its removed layer,
-three YaRN tables, the hashed n-gram table). So this is not record #92; it is config/base.py
-with every piece of record #92 that is ported, to compare with it.
+three YaRN tables, where the n-gram table enters) and its n-gram table's full size. So this is
+not record #92; it is config/base.py with every piece of record #92 that is ported, to compare
+with it.
 """
 
 import math
 
 from config import base
 
-model_config = base.model_config
+# Record #92's n-gram table in the bigram table's place (bigram and trigram channels, row-wise
+# Adam). The record's has 84,602,880 rows (a 121 GiB bf16 table over 8 GPUs); with this trainer's
+# float32 weights and dense gradients 2,097,152 rows fit one 80 GB GPU by memory.py's estimate
+# (48.7 GB, and 6.4 GB more for a micro-batch's table gradient; not yet measured).
+model_config = dict(base.model_config, ngram_table=True, bigram_rows=2_097_152,
+                    bigram_sign_rows=8192)
 optimizer_config = dict(
     base.optimizer_config,
     matrix_optimizer="anvil",

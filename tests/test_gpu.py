@@ -367,6 +367,17 @@ def test_fused_mlp_model_on_gpu(tiny_model_config):
     assert all(e < 0.15 for e in matrices.values()), matrices
 
 
+def test_ngram_model_on_gpu(tiny_model_config):
+    """A model with record #92's n-gram table, compiled, against the float32 CPU path: the
+    hashes (int64 arithmetic with int32 wrap) run in the graph and the table's gradient
+    agrees to bf16's accuracy."""
+    config = dict(tiny_model_config, block_size=128, model_dim=128, num_heads=2, head_dim=64,
+                  ngram_table=True)
+    reference, _, loss_ref, loss_gpu, errors = gpu_against_cpu(config, compiled=True)
+    assert loss_gpu == pytest.approx(loss_ref, rel=1e-2)
+    assert errors["bigram.table"] < 5e-2, errors["bigram.table"]
+
+
 def test_sampled_softmax_on_gpu():
     """Record #92's candidate sets built on the GPU equal the CPU's, and the sampled loss with
     the lm_head's float8 matmuls follows the float32 CPU one (float8's accuracy)."""

@@ -33,12 +33,13 @@ def test_causality(tiny_model_config):
         assert not torch.allclose(gpt(changed)[t + 1:], logits[t + 1:])
 
 
-@pytest.mark.parametrize("untied", [False, True])
-def test_decoding_equals_the_full_forward_pass(tiny_model_config, untied):
+@pytest.mark.parametrize("untied,ngram", [(False, False), (True, False), (False, True)])
+def test_decoding_equals_the_full_forward_pass(tiny_model_config, untied, ngram):
     # Past token 204 (the receptive field at windows of 1 and 2 blocks) the state drops tokens
     # no new one depends on; documents start at 37 and 250, where the smear gate, the bigram
-    # hash and attention must stop.
-    gpt = make_model(tiny_model_config, 1, 2)
+    # hash and attention must stop (the n-gram table's hashes read across a start, as the
+    # record's: the full pass does too).
+    gpt = make_model(dict(tiny_model_config, ngram_table=ngram), 1, 2)
     if untied:
         gpt.tie.tied = False
         with torch.no_grad():
@@ -52,7 +53,8 @@ def test_decoding_equals_the_full_forward_pass(tiny_model_config, untied):
     pieces.append(gpt.decode(x[300:], state))
     torch.testing.assert_close(torch.cat(pieces), full[:, :gpt.config.vocab_size], atol=2e-5,
                                rtol=1e-5)
-    assert state.tokens.numel() <= 204 + 2 * 16 - 1 + 20  # reach, two blocks, the last 20
+    # reach, two blocks, the last 20
+    assert state.tokens.numel() <= gpt.config.receptive_field((1, 2)) + 2 * 16 - 1 + 20
 
 
 def test_a_decoding_step_reads_only_the_receptive_field(tiny_model_config, monkeypatch):
@@ -86,10 +88,11 @@ def test_document_isolation(tiny_model_config):
     torch.testing.assert_close(gpt(changed)[40:], gpt(x)[40:], atol=1e-5, rtol=0)
 
 
-def test_reach_bounds_what_a_token_sees(tiny_model_config):
+@pytest.mark.parametrize("ngram", [False, True])
+def test_reach_bounds_what_a_token_sees(tiny_model_config, ngram):
     """Validation scores a chunk in pieces behind ``receptive_field`` tokens of context: a token
     further back than that must not change an output, one at the edge of a window must."""
-    gpt = make_model(tiny_model_config)
+    gpt = make_model(dict(tiny_model_config, ngram_table=ngram))
     windows = (1, 2)
     reach = gpt.config.receptive_field(windows)
     T = -(-(reach + 64) // 16) * 16

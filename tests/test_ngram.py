@@ -1,0 +1,92 @@
+"""layers/ngram.py and its row-wise Adam against record #92's code (tests/reference/record92/
+ngram.pt, README there): the hashes at the record's size, the sign rows, the looked-up sum, and
+the optimizer's updates through the switch to its period-4 betas and decay."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_model, tokens
+
+import run
+from layers.ngram import NgramEmbedding, ngram_rows, sign_rows
+from optimizers import OptimizerConfig, build_optimizer
+from utils import REPO_ROOT, ConfigError
+
+REFERENCE = torch.load(REPO_ROOT / "tests" / "reference" / "record92" / "ngram.pt",
+                       weights_only=True)
+
+
+@pytest.mark.parametrize("rows", ["84602880", "21150720", "4096"])
+def test_hashes_are_the_records(rows):
+    """Its full table, a quarter of it and a tiny one; the tokens include the large ids whose
+    int32 products wrap, and ids near the start where the record's sentinels apply."""
+    want = REFERENCE["hashes"][rows]
+    assert torch.equal(ngram_rows(REFERENCE["tokens"], int(rows)).flatten(), want)
+
+
+@pytest.mark.parametrize("signs", ["8192", "32"])
+def test_sign_rows_are_the_records(signs):
+    assert torch.equal(sign_rows(REFERENCE["tokens"], int(signs)), REFERENCE["sign_rows"][signs])
+
+
+def test_the_lookup_sums_both_channels_signed():
+    torch.manual_seed(0)
+    table = NgramEmbedding(64, 8, 16)
+    with torch.no_grad():
+        table.table.normal_()
+    x = tokens(40, doc_starts=(0, 17))
+    ids, signs = ngram_rows(x, 64), sign_rows(x, 16)
+    want = (table.table[ids[0]] * table.signs[signs[0]]
+            + table.table[ids[1]] * table.signs[signs[1]])
+    out = table(x, torch.float32)
+    torch.testing.assert_close(out[0], want)
+    out.sum().backward()
+    touched = torch.zeros(64, dtype=torch.bool)
+    touched[ids.flatten()] = True
+    assert table.table.grad[~touched].abs().sum() == 0 and table.table.grad[touched].any()
+
+
+def test_row_adam_is_the_records():
+    """Eight updates of a 64-row table with rows left untouched at each (their gradient zero),
+    the last four at the period-4 pace (betas squared, twice the decay): the same weights and
+    per-row second moments as the record's n-gram Adam."""
+    ref = REFERENCE["adam"]
+    table = torch.nn.Parameter(ref["initial"].clone())
+    table.label, table.row_adam = "bigram_embed", True
+    config = copy.deepcopy(run.load_config(REPO_ROOT / "config" / "record92.py")
+                           ["optimizer_config"])
+    config["adam"].update(lr=ref["lr"], eps=ref["eps"], weight_decay=ref["weight_decay"])
+    config["label_lr_mul"]["bigram_embed"] = ref["label_lr_mul"]
+    optimizer = build_optimizer([("table", table)], OptimizerConfig.from_dict(config))
+    state = optimizer.state_dict()["params"][0]["state"]
+    assert state["exp_avg"].numel() == 0 and state["exp_avg_sq"].shape == (64, 1)
+    for event in range(8):
+        pace = 2 if ref["beta2"][event] < 0.95 else 1
+        assert config["label_betas"]["bigram_embed"][1] ** pace == ref["beta2"][event]
+        assert config["label_wd_mul"]["bigram_embed"] * pace == ref["wd_mul"][event]
+        optimizer.set_lr_factor(ref["lr_factor"][event].item())
+        table.grad = ref["grads"][event].clone()
+        optimizer.step(table_pace=pace)
+    torch.testing.assert_close(table.detach(), ref["final"], rtol=1e-6, atol=1e-7)
+    state = optimizer.state_dict()["params"][0]["state"]
+    torch.testing.assert_close(state["exp_avg_sq"][:, 0], ref["second_moment"], rtol=1e-6,
+                               atol=0)
+
+
+def test_the_model_takes_the_ngram_table(tiny_model_config):
+    """With ngram_table the model's bigram slot holds the n-gram table (tests/test_model.py
+    checks the receptive field and decoding with it); its gradients in place equal
+    autograd's."""
+    config = dict(tiny_model_config, ngram_table=True)
+    gpt = make_model(config)
+    assert isinstance(gpt.bigram, NgramEmbedding)
+    in_place = make_model(config)
+    pairs = in_place.grads_in_place()
+    x, y = tokens(64, doc_starts=(0, 20), seed=3), tokens(64, seed=4)
+    gpt(x, y).backward()
+    in_place(x, y).backward()
+    (table, buffer), = [(t, b) for t, b in pairs if t is in_place.bigram.table]
+    torch.testing.assert_close(buffer, gpt.bigram.table.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="ngram_table needs an even bigram_rows"):
+        make_model(dict(config, bigram_rows=511))
