@@ -38,6 +38,7 @@ model_config = dict(
     key_offset=True,
     bigram_rows=50304 * 15 // 2,  # #201
     bigram_sign_rows=8192,  # #299
+    ngram_table=False,  # record #92's bigram + trigram table in its place (layers/ngram.py)
     gate_hidden=64,  # MUDD gates (#315)
     mudd_hidden=64,  # MUDD dense connections (#259)
     post_gate_layer=4,
@@ -126,9 +127,10 @@ training_config = dict(
 # iterations, with its tokens per optimizer step, (short, long) attention windows in 128-token
 # blocks, lr multiplier, longest training segment, and the loss weights of the next tokens
 # (MTP) and of the next token's prefix token, which move linearly to their _end values over
-# the stage. The last row, without a duration, holds for the extension iterations. Micro-batches
-# of 65,536 tokens (2, 4, 6 a step) where the record takes 8 of 16,384 / 32,768 / 49,152: the
-# same tokens and gradient, summed in another order.
+# the stage (prefix_weight_levels n: the prefix weight in n equal steps, record #92). The last
+# row, without a duration, holds for the extension iterations. Micro-batches of 65,536 tokens
+# (2, 4, 6 a step) where the record takes 8 of 16,384 / 32,768 / 49,152: the same tokens and
+# gradient, summed in another order.
 schedule = dict(
     num_scheduled_iterations=1270,
     num_extension_iterations=15,
@@ -154,6 +156,7 @@ schedule = dict(
     # The record's last tied update is step 847 (stage 3's first odd step); the embedding has
     # its own gradient from step 848 on.
     split_frac=848 / 1270,
+    untie_step=None,  # or the first untied step itself (record #92: 1176, in its extension)
     freeze_scalars_steps=0,
     adam_every=2,  # Adam on odd steps, on the gradients of two steps
     # record #92's TailEMA of the lm_head and embedding (averaging.py; 298 steps blended
@@ -170,6 +173,12 @@ schedule = dict(
     # over 1194 steps. Off until measured on this recipe
     sampled_softmax=(),
     sampled_softmax_rows=16384,
+    # record #92's other schedule pieces (config/record92.py has them on): the embedding tables'
+    # Adam on every n-th step from a step on (its 4 from 336), and attention within segments of
+    # at most this many tokens of a document (its 2560, with stages' max_seq_len 3072)
+    table_adam_every=0,
+    table_adam_from=0,
+    attention_segment_cap=0,
 )
 
 data_config = dict(
