@@ -63,7 +63,8 @@ def activation_bytes_per_token(model_config, fp8: bool) -> float:
 
 def uses_fp8(model_config, device) -> bool:
     """Whether the float8 matmuls run: asked for, and the GPU has them (capability >= 8.9)."""
-    asked = model_config.fp8_mlp or model_config.fp8_lm_head
+    asked = (model_config.fp8_mlp or model_config.fp8_lm_head
+             or getattr(model_config, "fp8_attn", False))
     return asked and tuple(device.capability) >= (8, 9)
 
 

@@ -102,6 +102,9 @@ class GPTConfig:
     # record #92's n-gram table in the bigram table's place (layers/ngram.py): bigram_rows rows,
     # half looked up by the token pair, half by the last three tokens; trained by row-wise Adam
     ngram_table: bool = False
+    # the attention layers' Q, K, V and output projections in float8 there too (kernels.linear,
+    # as fp8_mlp's; record #92 runs its QKV in float8)
+    fp8_attn: bool = False
 
     def __post_init__(self):
         check_ranges("model_config", self,

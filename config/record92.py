@@ -2,7 +2,8 @@
 its schedule (1122 + 52 grown scheduled steps and 20 extension steps, 329M tokens, documents
 of up to 3072 tokens attending in segments of 2560 from the third stage on, the embedding
 tables' Adam every fourth step from step 336), the ANVIL optimizer, the sampled softmax, the
-four weight ships and the hashed n-gram table (smaller), on record #89's model.
+four weight ships, the hashed n-gram table (smaller) and float8 attention projections, on
+record #89's model.
 
 Not yet here (README, Recipe): record #92's model (mixed-width attention, its removed layer,
 three YaRN tables, where the n-gram table enters) and its n-gram table's full size. So this is
@@ -19,7 +20,7 @@ from config import base
 # float32 weights and dense gradients 2,097,152 rows fit one 80 GB GPU by memory.py's estimate
 # (48.7 GB, and 6.4 GB more for a micro-batch's table gradient; not yet measured).
 model_config = dict(base.model_config, ngram_table=True, bigram_rows=2_097_152,
-                    bigram_sign_rows=8192)
+                    bigram_sign_rows=8192, fp8_attn=True)  # its QKV in float8 too
 optimizer_config = dict(
     base.optimizer_config,
     matrix_optimizer="anvil",

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+import kernels
 from layers.core import GATE_CHANNELS, gate_input, make_param, norm, uniform_matrix
 from layers.dc import dc_correction
 from layers.rotary import apply_rotary, apply_rotary_interleaved
@@ -72,13 +73,15 @@ class GatedAttention(nn.Module):
     * DC (``layers/dc.py``), gated XSA (#264 in the algebraic form of #317: the output loses
       the share tanh(alpha) of its component along its own token's value) and a linear
       output gate, each taking per-token coefficients from the model's gate networks;
-    * learnable scales lambda_q (on Q, K, V) and lambda_o (on the output projection).
+    * learnable scales lambda_q (on Q, K, V) and lambda_o (on the output projection);
+    * with ``fp8_attn``, the projections in float8 where the GPU has it (``kernels.linear``).
     """
 
     def __init__(self, config, paired: bool, key_offset: bool, value_gate: bool):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.paired, self.key_offset = paired, key_offset
+        self.fp8 = config.fp8_attn  # the projections through kernels.linear
         hdim, dim = config.num_heads * config.head_dim, config.model_dim
         qk = make_param(uniform_matrix(2 * hdim, dim, std_scale=config.init_std, fan_in=dim),
                         "attn")
@@ -106,7 +109,8 @@ class GatedAttention(nn.Module):
         T, H, d = x.size(1), self.num_heads, self.head_dim
         scale_q, scale_o = self.lambdas.type_as(x)
         weight = torch.cat([self.qk, self.vo[0]]).type_as(x)
-        q, k, v = F.linear(x, scale_q * weight).view(1, T, 3 * H, d).chunk(3, dim=2)
+        qkv = kernels.linear(x, scale_q * weight, self.fp8)
+        q, k, v = qkv.view(1, T, 3 * H, d).chunk(3, dim=2)
         q, k = norm(q), norm(k)
         cos, sin = rotary
         if self.paired:
@@ -134,7 +138,7 @@ class GatedAttention(nn.Module):
             y = y - torch.tanh(xsa)[..., None] * along * v
         if gate is not None:
             y = y * gate[..., None]
-        return F.linear(y.flatten(2), scale_o * self.vo[1].type_as(y))
+        return kernels.linear(y.flatten(2), scale_o * self.vo[1].type_as(y), self.fp8)
 
 
 def attend(q, k, v, mask, scale):

@@ -367,6 +367,17 @@ def test_fused_mlp_model_on_gpu(tiny_model_config):
     assert all(e < 0.15 for e in matrices.values()), matrices
 
 
+def test_fp8_attn_model_on_gpu(tiny_model_config):
+    """fp8_attn, compiled, against the float32 CPU path: the loss and the attention matrices'
+    gradients within float8's accuracy."""
+    config = dict(tiny_model_config, block_size=128, model_dim=128, num_heads=2, head_dim=64,
+                  fp8_attn=True)
+    reference, _, loss_ref, loss_gpu, errors = gpu_against_cpu(config, compiled=True)
+    assert loss_gpu == pytest.approx(loss_ref, rel=2e-2)
+    attention = {n: e for n, e in errors.items() if n.endswith(("attn.qk", "attn.vo"))}
+    assert attention and all(e < 0.15 for e in attention.values()), attention
+
+
 def test_ngram_model_on_gpu(tiny_model_config):
     """A model with record #92's n-gram table, compiled, against the float32 CPU path: the
     hashes (int64 arithmetic with int32 wrap) run in the graph and the table's gradient

@@ -256,6 +256,37 @@ def test_fused_mlp_keeps_its_activation_scale_in_the_state(tiny_model_config):
     assert all(fused.state_dict()[n].item() == 1.0 for n in names)
 
 
+def test_fp8_attn_takes_the_attention_projections_to_float8(tiny_model_config, monkeypatch):
+    """With fp8_attn, where float8 is allowed (forced here: torch._scaled_mm runs on the CPU),
+    every attention layer's QKV and output projections go through kernels.float8_linear, and
+    the loss and the attention matrices' gradients follow the plain path's to float8's
+    accuracy; without it, none does."""
+    import kernels
+
+    monkeypatch.setattr(kernels, "use_fp8", lambda hidden, weight, fp8: fp8)
+    shapes = []
+    float8_linear = kernels.float8_linear
+    monkeypatch.setattr(kernels, "float8_linear",
+                        lambda x, w: shapes.append(tuple(w.shape)) or float8_linear(x, w))
+    config = dict(tiny_model_config, model_dim=64, head_dim=16, num_heads=4, gate_hidden=16,
+                  mudd_hidden=16)
+    x, y = tokens(128, doc_starts=(0, 50)), tokens(128, seed=2)
+    plain, fp8 = make_model(config), make_model(dict(config, fp8_attn=True))
+    loss_plain, loss_fp8 = plain(x, y), fp8(x, y)
+    assert shapes == [(192, 64), (64, 64)] * sum(b.attn is not None for b in fp8.blocks)
+    assert loss_fp8.item() == pytest.approx(loss_plain.item(), rel=2e-2)
+    assert loss_fp8.item() != loss_plain.item()
+    loss_plain.backward()
+    loss_fp8.backward()
+    for (name, p), q in zip(plain.named_parameters(), fp8.parameters(), strict=True):
+        if name.endswith(("attn.qk", "attn.vo")):
+            error = ((q.grad - p.grad).norm() / p.grad.norm()).item()
+            assert error < 0.15, (name, error)
+    shapes.clear()
+    plain(x, y)
+    assert shapes == []
+
+
 @pytest.mark.parametrize("model_config", ["tiny_model_config", "record55_model_config"])
 def test_sgd_reduces_loss(model_config, request):
     gpt = make_model(request.getfixturevalue(model_config), randomize=False)
