@@ -40,7 +40,8 @@ BYTES_PER_UNIT = {
 
 
 def state_bytes(model_config, optimizer_config) -> int:
-    """Weights, gradients and optimizer state of the run, in bytes."""
+    """Weights, gradients and optimizer state of the run, in bytes (and the n-gram table's
+    gradient of a micro-batch)."""
     import torch
 
     from model import build_model
@@ -52,7 +53,12 @@ def state_bytes(model_config, optimizer_config) -> int:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     state = sum(value.numel() * value.element_size() for entry in optimizer.state_dict()["params"]
                 for value in entry["state"].values() if torch.is_tensor(value))
-    return 2 * weights + state
+    # the n-gram table's dense gradient of a micro-batch, beside its .grad until added to it:
+    # the bytes per unit were measured with record #89's small bigram table, whose share of
+    # this is in them
+    transient = sum(p.numel() * p.element_size() for p in model.parameters()
+                    if getattr(p, "row_adam", False))
+    return 2 * weights + state + transient
 
 
 def activation_bytes_per_token(model_config, fp8: bool) -> float:

@@ -18,7 +18,7 @@ from config import base
 # Record #92's n-gram table in the bigram table's place (bigram and trigram channels, row-wise
 # Adam). The record's has 84,602,880 rows (a 121 GiB bf16 table over 8 GPUs); with this trainer's
 # float32 weights and dense gradients 2,097,152 rows fit one 80 GB GPU by memory.py's estimate
-# (48.7 GB, and 6.4 GB more for a micro-batch's table gradient; not yet measured).
+# (55.2 GB at the full micro-batch, the table's micro-batch gradient included; not measured).
 model_config = dict(base.model_config, ngram_table=True, bigram_rows=2_097_152,
                     bigram_sign_rows=8192, fp8_attn=True)  # its QKV in float8 too
 optimizer_config = dict(
