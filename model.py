@@ -102,6 +102,7 @@ class GPTConfig:
     # record #92's n-gram table in the bigram table's place (layers/ngram.py): bigram_rows rows,
     # half looked up by the token pair, half by the last three tokens; trained by row-wise Adam
     ngram_table: bool = False
+    ngram_bf16: bool = False  # the n-gram table's weights in bf16, as the record's (half the bytes)
     # the attention layers' Q, K, V and output projections in float8 there too (kernels.linear,
     # as fp8_mlp's; record #92 runs its QKV in float8)
     fp8_attn: bool = False
@@ -146,6 +147,8 @@ class GPTConfig:
         for name in ("post_gate_layer", "shared_input_layer", "skip_source"):
             if not 0 < getattr(self, name) < last:
                 problems.append(f"{name} must be a layer between the first and the last")
+        if self.ngram_bf16 and not self.ngram_table:
+            problems.append("ngram_bf16 is the n-gram table's: it needs ngram_table")
         signs = self.bigram_sign_rows
         if self.ngram_table and (self.bigram_rows < 8 or self.bigram_rows % 2
                                  or signs < 1 or signs & (signs - 1)):
@@ -223,9 +226,13 @@ class GPT(SpeedrunLM):
         self.smear = SmearGate(across_documents=True, gate_lr_mul=0.01, gate_wd_mul=0.0)
         self.value_embeds = ValueEmbeddings(vocab, dim, config.value_embed_layers,
                                             init_std=config.value_embed_init_std)
-        table = NgramEmbedding if config.ngram_table else BigramEmbedding
-        self.bigram = (table(config.bigram_rows, dim, config.bigram_sign_rows)
-                       if config.bigram_rows else None)
+        if not config.bigram_rows:
+            self.bigram = None
+        elif config.ngram_table:
+            self.bigram = NgramEmbedding(config.bigram_rows, dim, config.bigram_sign_rows,
+                                         torch.bfloat16 if config.ngram_bf16 else torch.float32)
+        else:
+            self.bigram = BigramEmbedding(config.bigram_rows, dim, config.bigram_sign_rows)
         attention = [i for i in range(config.num_layers) if config.window_pattern[i] != "-"]
         standard = [i for i in attention if i != last]
         skip_layers = [i for i in range(config.num_layers) if config.window_pattern[i] == "-"]

@@ -2,8 +2,8 @@
 its schedule (1122 + 52 grown scheduled steps and 20 extension steps, 329M tokens, documents
 of up to 3072 tokens attending in segments of 2560 from the third stage on, the embedding
 tables' Adam every fourth step from step 336), the ANVIL optimizer, the sampled softmax, the
-four weight ships, the hashed n-gram table (smaller) and float8 attention projections, on
-record #89's model.
+four weight ships, the hashed n-gram table (a twentieth of its size) and float8 attention
+projections, on record #89's model.
 
 Not yet here (README, Recipe): record #92's model (mixed-width attention, its removed layer,
 three YaRN tables, where the n-gram table enters) and its n-gram table's full size. So this is
@@ -16,11 +16,12 @@ import math
 from config import base
 
 # Record #92's n-gram table in the bigram table's place (bigram and trigram channels, row-wise
-# Adam). The record's has 84,602,880 rows (a 121 GiB bf16 table over 8 GPUs); with this trainer's
-# float32 weights and dense gradients 2,097,152 rows fit one 80 GB GPU by memory.py's estimate
-# (55.2 GB at the full micro-batch, the table's micro-batch gradient included; not measured).
-model_config = dict(base.model_config, ngram_table=True, bigram_rows=2_097_152,
-                    bigram_sign_rows=8192, fp8_attn=True)  # its QKV in float8 too
+# Adam, bf16 weights). The record's has 84,602,880 rows (121 GiB over 8 GPUs); with this
+# trainer's dense gradients 4,194,304 rows fit one 80 GB GPU by memory.py's estimate (55.2 GB
+# at the full micro-batch, the table's micro-batch gradient included; not yet measured).
+model_config = dict(base.model_config, ngram_table=True, ngram_bf16=True,
+                    bigram_rows=4_194_304, bigram_sign_rows=8192,
+                    fp8_attn=True)  # its QKV in float8 too
 optimizer_config = dict(
     base.optimizer_config,
     matrix_optimizer="anvil",

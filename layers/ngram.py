@@ -58,10 +58,11 @@ def sign_rows(inputs: Tensor, num_signs: int) -> Tensor:
 
 
 class NgramEmbedding(nn.Module):
-    def __init__(self, num_rows: int, dim: int, sign_rows: int):
+    def __init__(self, num_rows: int, dim: int, sign_rows: int, dtype=torch.float32):
+        """``dtype``: the table's weights (bf16 as the record's; their gradient too)."""
         super().__init__()
         self.rows = num_rows  # even, sign_rows a power of two (model_config checks both)
-        self.table = make_param(torch.zeros(num_rows, dim), "bigram_embed")
+        self.table = make_param(torch.zeros(num_rows, dim, dtype=dtype), "bigram_embed")
         self.table.row_adam = True
         # A fixed random +-1 vector per sign row, drawn from the run's seeded generator.
         self.register_buffer("signs", torch.randn(sign_rows, dim).sign())

@@ -41,15 +41,16 @@ def test_state_bytes_count_real_tensors(name):
 
 def test_the_ngram_tables_micro_batch_gradient_is_counted():
     """config/record92.py's n-gram table: its weights, .grad and a micro-batch's dense
-    gradient (three table sizes in float32) and one second moment a row."""
+    gradient (three table sizes in bf16) and one float32 second moment a row."""
     config = base_config("record92")
+    assert config.model.ngram_bf16
     rows, dim = config.model.bigram_rows, config.model.model_dim
     raw = run.load_config(utils.REPO_ROOT / "config" / "record92.py")
-    raw["model_config"].update(ngram_table=False, bigram_rows=0)
+    raw["model_config"].update(ngram_table=False, ngram_bf16=False, bigram_rows=0)
     without = run.build_config(raw)
     table = memory.state_bytes(config.model, config.optimizer) - memory.state_bytes(
         without.model, without.optimizer)
-    assert table == 3 * rows * dim * 4 + rows * 4
+    assert table == 3 * rows * dim * 2 + rows * 4
 
 
 @pytest.mark.parametrize("gb,multiple", [(24, 16), (32, 16), (48, 32), (80, 32), (12, None)])

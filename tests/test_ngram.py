@@ -47,12 +47,14 @@ def test_the_lookup_sums_both_channels_signed():
     assert table.table.grad[~touched].abs().sum() == 0 and table.table.grad[touched].any()
 
 
-def test_row_adam_is_the_records():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_adam_is_the_records(dtype):
     """Eight updates of a 64-row table with rows left untouched at each (their gradient zero),
     the last four at the period-4 pace (betas squared, twice the decay): the same weights and
-    per-row second moments as the record's n-gram Adam."""
+    per-row second moments as the record's n-gram Adam, in float32 and with bf16 weights and
+    gradients as the record's (there within a bf16 step: its mean square is a sum / D)."""
     ref = REFERENCE["adam"]
-    table = torch.nn.Parameter(ref["initial"].clone())
+    table = torch.nn.Parameter(ref["initial"].to(dtype, copy=True))
     table.label, table.row_adam = "bigram_embed", True
     config = copy.deepcopy(run.load_config(REPO_ROOT / "config" / "record92.py")
                            ["optimizer_config"])
@@ -66,12 +68,17 @@ def test_row_adam_is_the_records():
         assert config["label_betas"]["bigram_embed"][1] ** pace == ref["beta2"][event]
         assert config["label_wd_mul"]["bigram_embed"] * pace == ref["wd_mul"][event]
         optimizer.set_lr_factor(ref["lr_factor"][event].item())
-        table.grad = ref["grads"][event].clone()
+        table.grad = ref["grads"][event].to(dtype, copy=True)
         optimizer.step(table_pace=pace)
-    torch.testing.assert_close(table.detach(), ref["final"], rtol=1e-6, atol=1e-7)
+    bf16 = dtype == torch.bfloat16
+    assert table.dtype == dtype
+    torch.testing.assert_close(table.detach().float(),
+                               ref["final_bf16" if bf16 else "final"].float(),
+                               rtol=8e-3 if bf16 else 1e-6, atol=1e-7)
     state = optimizer.state_dict()["params"][0]["state"]
-    torch.testing.assert_close(state["exp_avg_sq"][:, 0], ref["second_moment"], rtol=1e-6,
-                               atol=0)
+    torch.testing.assert_close(state["exp_avg_sq"][:, 0],
+                               ref["second_moment_bf16" if bf16 else "second_moment"],
+                               rtol=1e-2 if bf16 else 1e-6, atol=0)
 
 
 def test_the_model_takes_the_ngram_table(tiny_model_config):
@@ -90,3 +97,20 @@ def test_the_model_takes_the_ngram_table(tiny_model_config):
     torch.testing.assert_close(buffer, gpt.bigram.table.grad, rtol=1e-5, atol=1e-7)
     with pytest.raises(ConfigError, match="ngram_table needs an even bigram_rows"):
         make_model(dict(config, bigram_rows=511))
+    with pytest.raises(ConfigError, match="ngram_bf16 is the n-gram table's"):
+        make_model(dict(tiny_model_config, ngram_bf16=True))
+
+
+def test_a_bf16_table_trains_in_bf16(tiny_model_config):
+    """ngram_bf16: the table and its gradient in bf16 (the record's), the model's output as
+    the float32 table's to bf16's accuracy."""
+    config = dict(tiny_model_config, ngram_table=True)
+    wide, narrow = make_model(config), make_model(dict(config, ngram_bf16=True))
+    with torch.no_grad():
+        narrow.bigram.table.copy_(wide.bigram.table)
+    assert narrow.bigram.table.dtype == torch.bfloat16
+    x, y = tokens(64, doc_starts=(0, 20), seed=3), tokens(64, seed=4)
+    loss_wide, loss_narrow = wide(x, y), narrow(x, y)
+    assert loss_narrow.item() == pytest.approx(loss_wide.item(), rel=1e-3)
+    loss_narrow.backward()
+    assert narrow.bigram.table.grad.dtype == torch.bfloat16
