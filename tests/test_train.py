@@ -668,9 +668,10 @@ def test_early_stopped_run_writes_no_record(config, tmp_path):
     assert not (tmp_path / "records").exists()
 
 
-def test_cli_cpu_smoke_run(data_dir, tmp_path):
+@pytest.mark.parametrize("config", ["config/cpu.py", "config/cpu92.py"])
+def test_cli_cpu_smoke_run(data_dir, tmp_path, config):
     result = subprocess.run(
-        [sys.executable, "run.py", "--config", "config/cpu.py", "--early_stop_steps", "2",
+        [sys.executable, "run.py", "--config", config, "--early_stop_steps", "2",
          "--seed", "123", "--log_dir", str(tmp_path), "--val_tokens", "1024"],
         cwd=utils.REPO_ROOT, capture_output=True, text=True, timeout=300,
         env={**__import__("os").environ, "DATA_PATH": str(data_dir)})

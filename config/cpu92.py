@@ -1,0 +1,52 @@
+"""config/cpu.py's tiny model with config/record92.py's pieces, on two CPU cores in about a
+minute: record #92's schedule shape over 60 + 4 steps (the grown third stage, the batch taper,
+the extension's untie), ANVIL (its rails engaging at step 26), the sampled softmax until step
+48, the four weight ships, the embedding tables' Adam every fourth step from step 16, documents
+of 384 tokens attending in segments of 320, and the n-gram table in bf16. Its losses say
+nothing about a GPU run; it checks that every piece runs together.
+"""
+
+import math
+
+from config import base, cpu
+
+model_config = dict(cpu.model_config, ngram_table=True, ngram_bf16=True, bigram_rows=16384,
+                    bigram_sign_rows=256, fp8_attn=True)  # float8 only where a GPU has it
+optimizer_config = dict(
+    base.optimizer_config,
+    matrix_optimizer="anvil",
+    anvil=dict(base.optimizer_config["anvil"], engage_step=26),  # the record's 514 of 1194
+    label_lr_mul=dict(base.optimizer_config["label_lr_mul"], value_embed=70.0,
+                      bigram_embed=70.0),
+)
+training_config = dict(cpu.training_config, run_name="cpu92")
+schedule = dict(
+    cpu.schedule,
+    stages=(
+        dict(duration=16 / 60, tokens=512, windows=(1, 2), lr_mul=1.0, max_seq_len=128,
+             mtp_weights=(1.0, 0.5, 0.25), mtp_weights_end=(1.0, 0.5, 0.0), prefix_weight=0.25),
+        dict(duration=18 / 60, tokens=1_024, windows=(1, 3), lr_mul=1.52,
+             mtp_weights=(1.0, 0.5), mtp_weights_end=(1.0, 0.0), prefix_weight=0.20,
+             prefix_weight_end=0.0, prefix_weight_levels=4),
+        dict(duration=22 / 60, tokens=1_024, windows=(2, 4), lr_mul=1.73, max_seq_len=384),
+        dict(duration=4 / 60, tokens=1_024, windows=(2, 4), lr_mul=1.73 * math.sqrt(20 / 24),
+             max_seq_len=384),
+        dict(tokens=512, windows=(2, 4), lr_mul=1.0, max_seq_len=384),
+    ),
+    cooldown_frac=48 / 60,
+    final_lr_ratio=0.30,
+    momentum_peak=0.93,
+    momentum_warmup_steps=12,
+    untie_step=62,
+    table_adam_every=4,
+    table_adam_from=16,
+    attention_segment_cap=320,
+    tail_ema_window=16,
+    tail_average_window=14,
+    bank_blend_window=16,
+    sampled_softmax=((0, 1024), (34, 2048), (48, 0)),
+    sampled_softmax_rows=256,
+)
+data_config = cpu.data_config
+logging_config = cpu.logging_config
+compile_config = cpu.compile_config
