@@ -19,13 +19,19 @@ from layers.embeddings import rows
 HASH_CURRENT, HASH_PREVIOUS = 36313, 27191
 
 
+def wrap32(values: Tensor) -> Tensor:
+    """int64 values as the int32 two's complement a CUDA int32 product wraps to."""
+    return (values + 2**31) % 2**32 - 2**31
+
+
 def bigram_hash(inputs: Tensor, rows: int) -> Tensor:
     """Row of each position in a table of ``rows`` rows (int64, (T,)); int32 arithmetic as the
-    record's, whose one overflowing product (at position 1) wraps."""
+    record's: products wrap (at position 1, whose "previous token" is the reserved row's number,
+    for any table of over 78,980 rows), remainders are taken the Python way."""
     reserved = rows - 1
     x = inputs.long()
     previous = torch.cat([x.new_full((2,), reserved), x[1:-1]])[: x.numel()]
-    mixed = (HASH_CURRENT * x) ^ ((HASH_PREVIOUS * previous) & 0xFFFFFFFF)
+    mixed = wrap32(HASH_CURRENT * x) ^ wrap32(HASH_PREVIOUS * previous)
     hashed = torch.remainder(mixed, reserved)
     return torch.cat([x.new_full((1,), reserved), hashed[1:]])[: x.numel()]
 

@@ -14,33 +14,24 @@ the trigram half's reserved last row. The table is trained by a row-wise Adam wi
 import torch
 from torch import Tensor, nn
 
+from layers.bigram import bigram_hash, wrap32
 from layers.core import make_param
 from layers.embeddings import rows
 
-BIGRAM_CURRENT, BIGRAM_PREVIOUS = 36313, 27191
 TRIGRAM = (17351, 60961, 45259)  # x[t], x[t-1], x[t-2]
 SIGN_BIGRAM = (48271, 30011)  # x[t], x[t-1]
 SIGN_TRIGRAM = (58699, 39779, 26801)  # x[t], x[t-1], x[t-2]
 
 
-def wrap32(values: Tensor) -> Tensor:
-    """int64 values as the int32 two's complement a CUDA int32 product wraps to."""
-    return (values + 2**31) % 2**32 - 2**31
-
-
 def ngram_rows(inputs: Tensor, num_rows: int) -> Tensor:
-    """(2, T) int64 rows of each position: its bigram row (in [0, half)) and its trigram row
-    (in [half, num_rows)), half = num_rows // 2."""
+    """(2, T) int64 rows of each position: its bigram row (record #89's hash over the first
+    half, [0, half)) and its trigram row (in [half, num_rows)), half = num_rows // 2."""
     x = inputs.long()
     half = num_rows // 2
-    bigram_mod, trigram_mod = half - 1, num_rows - half - 1
-    previous = torch.cat([x.new_full((1,), bigram_mod), x[1:-1]])
-    bigram = torch.remainder(wrap32(BIGRAM_CURRENT * x[1:]) ^ wrap32(BIGRAM_PREVIOUS * previous),
-                             bigram_mod)
     a, b, c = TRIGRAM
     trigram = torch.remainder(wrap32(a * x[2:]) ^ wrap32(b * x[1:-1]) ^ wrap32(c * x[:-2]),
-                              trigram_mod) + half
-    return torch.stack([torch.cat([x.new_full((1,), bigram_mod), bigram]),
+                              num_rows - half - 1) + half
+    return torch.stack([bigram_hash(x, half),
                         torch.cat([x.new_full((2,), num_rows - 1), trigram])[: x.numel()]])
 
 
