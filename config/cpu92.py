@@ -8,20 +8,19 @@ nothing about a GPU run; it checks that every piece runs together.
 
 import math
 
-from config import base, cpu
+from config import cpu, record92
 
 model_config = dict(cpu.model_config, ngram_table=True, ngram_bf16=True, bigram_rows=16384,
                     bigram_sign_rows=256, fp8_attn=True)  # float8 only where a GPU has it
-optimizer_config = dict(
-    base.optimizer_config,
-    matrix_optimizer="anvil",
-    anvil=dict(base.optimizer_config["anvil"], engage_step=26),  # the record's 514 of 1194
-    label_lr_mul=dict(base.optimizer_config["label_lr_mul"], value_embed=70.0,
-                      bigram_embed=70.0),
-)
+optimizer_config = dict(record92.optimizer_config,
+                        anvil=dict(record92.optimizer_config["anvil"],
+                                   engage_step=26))  # the record's 514 of 1194
 training_config = dict(cpu.training_config, run_name="cpu92")
+# record92.py's schedule with its step counts, lengths and windows scaled to cpu.py's
 schedule = dict(
-    cpu.schedule,
+    record92.schedule,
+    num_scheduled_iterations=60,
+    num_extension_iterations=4,
     stages=(
         dict(duration=16 / 60, tokens=512, windows=(1, 2), lr_mul=1.0, max_seq_len=128,
              mtp_weights=(1.0, 0.5, 0.25), mtp_weights_end=(1.0, 0.5, 0.0), prefix_weight=0.25),
@@ -33,12 +32,12 @@ schedule = dict(
              max_seq_len=384),
         dict(tokens=512, windows=(2, 4), lr_mul=1.0, max_seq_len=384),
     ),
+    validation_windows=cpu.schedule["validation_windows"],
+    split_frac=cpu.schedule["split_frac"],
     cooldown_frac=48 / 60,
-    final_lr_ratio=0.30,
-    momentum_peak=0.93,
     momentum_warmup_steps=12,
+    momentum_cooldown_steps=cpu.schedule["momentum_cooldown_steps"],
     untie_step=62,
-    table_adam_every=4,
     table_adam_from=16,
     attention_segment_cap=320,
     tail_ema_window=16,
