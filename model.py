@@ -1,4 +1,5 @@
-"""The speedrun GPT: record #89 of modded-nanogpt (July 2026) on one GPU.
+"""The speedrun GPT: record #89 of modded-nanogpt (July 2026) on one GPU, and by its config
+record #92's (August 2026, config/record92.py).
 
 Read top to bottom: the config (every key of ``model_config``), ``build_model`` (which also
 builds record #55's model, ``model_record55.py``, for config/record55.py), and the GPT. The
@@ -16,6 +17,12 @@ embeddings. Layers after 7 read layer 7's output as their attention input (what 
 the record's hyperconnections); the last layer mixes saved states through its dense
 connections, and so does the final state before the head. Each layer then updates the stream
 as x <- r_a x + p_a attn + g_x0 x0 + g_bigram bigram, and x <- r_m x + p_m mlp(norm x).
+
+Record #92's model is the same GPT with other roles: 7 layers attend (0, 1, 2, 3, 5, 8, 10),
+narrow Q/K heads (64 of 128) on the short-window layers with their own rotary scale and YaRN,
+halved V/O on 1 and 8, layers 4 and 9 with only an MLP, layer 7 removed, a second MLP beside
+layer 8's, x0 and the n-gram table entering on fewer layers, no DC, and a final mix of ten
+states refined per channel group (the keys after ``dc_window`` below).
 
 Shapes: one packed sequence of T token ids (T a multiple of the attention block). Documents
 start with BOS and attend only within themselves. On CUDA the residual stream and activations
@@ -78,6 +85,23 @@ class GPTConfig:
     attn_gate_layers: tuple  # output gated per head by the gate networks
     dc_layers: tuple  # post-softmax cross-head mix (#315)
     dc_window: int  # DC's window in tokens (at most block_size)
+    # record #92's layer roles: "-" layers are layer 6's kind (the skip from skip_source, an
+    # MLP) unless named here: with an MLP only, or removed (neither: the residual scales and
+    # the x0 injection stay)
+    mlp_only_layers: tuple
+    removed_layers: tuple
+    parallel_mlp_layers: tuple  # a second MLP beside the first, on the same input
+    x0_layers: tuple  # layers that add x0 back, with a gate each
+    bigram_layers: tuple  # layers that add the bigram (n-gram) embedding; 0: before the first
+    # record #92's mixed widths: Q/K heads this wide on the short-window layers (0: head_dim),
+    # every dim rotating, their own attention scale and YaRN (driven by the short window)
+    short_qk_dim: int
+    short_attn_scale: float
+    half_vo_layers: tuple  # V and O at half the head width
+    # 0: record #89's final mix of five saved states; n: record #92's of ten (the other value
+    # embeddings, the last MLP's input, the shared input normed), each coefficient refined per
+    # group of model_dim / n channels
+    final_mix_groups: int
     key_offset: bool  # long-window layers: the unrotated half of a key is its predecessor's
     bigram_rows: int  # hash table of (previous, current) token pairs (#201); 0: none
     bigram_sign_rows: int  # random +-1 vectors of the sign trick (#299)
@@ -132,14 +156,38 @@ class GPTConfig:
             problems.append(f"dc_window {self.dc_window} must be in [1, block_size]")
         attention = {i for i in range(L) if self.window_pattern[i:i + 1] in ("L", "S")}
         last = L - 1
+        no_attention = set(range(L)) - attention
+        mlp_only, removed = set(self.mlp_only_layers), set(self.removed_layers)
+        if not mlp_only | removed <= no_attention or mlp_only & removed:
+            problems.append(f"mlp_only_layers {self.mlp_only_layers} and removed_layers "
+                            f"{self.removed_layers} must name distinct layers marked - in "
+                            f"window_pattern")
+        for name in ("x0_layers", "bigram_layers"):
+            layers = getattr(self, name)
+            if len(set(layers)) != len(layers) or not set(layers) <= (
+                    attention | mlp_only | removed) - {last}:
+                problems.append(f"{name} {layers} must name distinct layers before the last "
+                                f"that are not skip layers")
+        if not set(self.parallel_mlp_layers) <= set(range(L)) - removed:
+            problems.append(f"parallel_mlp_layers {self.parallel_mlp_layers} must name layers "
+                            f"with an MLP")
+        if self.short_qk_dim and (self.short_qk_dim % 2 or self.short_qk_dim > self.head_dim
+                                  or self.short_attn_scale <= 0):
+            problems.append(f"short_qk_dim {self.short_qk_dim} must be even, at most head_dim, "
+                            f"with a positive short_attn_scale")
+        if self.final_mix_groups and self.model_dim % self.final_mix_groups:
+            problems.append(f"final_mix_groups {self.final_mix_groups} must divide model_dim")
         roles = {"value_embed_layers": [i for t in self.value_embed_layers for i in t],
                  "paired_head_layers": self.paired_head_layers, "xsa_layers": self.xsa_layers,
-                 "attn_gate_layers": self.attn_gate_layers, "dc_layers": self.dc_layers}
+                 "attn_gate_layers": self.attn_gate_layers, "dc_layers": self.dc_layers,
+                 "half_vo_layers": self.half_vo_layers}
         for name, layers in roles.items():
             if len(set(layers)) != len(layers) or not set(layers) <= attention:
                 problems.append(f"{name} {layers} must name distinct attention layers")
         if set(self.paired_head_layers) & set(self.xsa_layers + self.dc_layers):
             problems.append("XSA and DC need unpaired heads")
+        if set(self.half_vo_layers) & set(self.dc_layers + self.paired_head_layers + (last,)):
+            problems.append("half_vo_layers cannot be DC, paired or the last layer")
         if self.dc_layers and not set(self.dc_layers) <= {last}:
             problems.append("DC takes its mixes from the last layer's gates: only the last layer")
         if last not in attention or self.window_pattern[last] != "L":
@@ -170,6 +218,12 @@ class GPTConfig:
         return reach
 
     @property
+    def skip_layers(self) -> list:
+        """The layers without attention that add ``skip_source``'s output (layer 6's kind)."""
+        return [i for i, letter in enumerate(self.window_pattern) if letter == "-"
+                and i not in self.mlp_only_layers + self.removed_layers]
+
+    @property
     def padded_vocab(self):
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
@@ -192,33 +246,48 @@ def build_model(config) -> nn.Module:
 
 
 class Block(nn.Module):
-    """A layer's attention (or none) and MLP, and its four residual scales."""
+    """A layer's attention (or none), its MLP (none, one or two on the same input) and its four
+    residual scales."""
 
     def __init__(self, config: GPTConfig, layer: int, value_embed: bool):
         super().__init__()
         letter = config.window_pattern[layer]
+        narrow = letter == "S" and config.short_qk_dim
         self.window = letter
         self.attn = None
         if letter != "-":
+            half_vo = layer in config.half_vo_layers
             self.attn = GatedAttention(
                 config, paired=layer in config.paired_head_layers,
                 key_offset=config.key_offset and letter == "L",
-                value_gate=value_embed and layer != config.num_layers - 1)
-        self.mlp = MLP(config, proj_lr_mul=config.mlp_proj_lr_mul, fused=config.fused_mlp)
+                value_gate=value_embed and layer != config.num_layers - 1,
+                qk_dim=config.short_qk_dim if narrow else 0,
+                v_dim=config.head_dim // 2 if half_vo else 0)
+        self.mlp = self.mlp2 = None
+        if layer not in config.removed_layers:
+            self.mlp = MLP(config, proj_lr_mul=config.mlp_proj_lr_mul, fused=config.fused_mlp)
+        if layer in config.parallel_mlp_layers:
+            self.mlp2 = MLP(config, proj_lr_mul=config.mlp_proj_lr_mul, fused=config.fused_mlp)
         if layer != config.num_layers - 1:  # the last layer's are its dense connections
             self.residual = make_param(torch.full((2,), config.residual_init), "resid_lambda",
                                        wd_mul=0.0)
             self.post = make_param(torch.ones(2), "post_lambda", wd_mul=0.0)
 
+    def mlp_out(self, normed):
+        out = self.mlp(normed)
+        return out if self.mlp2 is None else out + self.mlp2(normed)
+
     def mlp_update(self, x):
-        return self.residual[1].type_as(x) * x + self.post[1].type_as(x) * self.mlp(norm(x))
+        if self.mlp is None:
+            return self.residual[1].type_as(x) * x
+        return self.residual[1].type_as(x) * x + self.post[1].type_as(x) * self.mlp_out(norm(x))
 
 
 class GPT(SpeedrunLM):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        vocab, dim, last = config.padded_vocab, config.model_dim, config.num_layers - 1
+        vocab, dim = config.padded_vocab, config.model_dim
         self.lm_head = make_param(torch.randn(vocab, dim) * config.lm_head_init_std, "lm_head")
         self.embed = make_param(self.lm_head.detach().clone(), "embed")
         self.register_buffer("embed_grad", None, persistent=False)  # see grads_in_place
@@ -233,10 +302,7 @@ class GPT(SpeedrunLM):
                                          torch.bfloat16 if config.ngram_bf16 else torch.float32)
         else:
             self.bigram = BigramEmbedding(config.bigram_rows, dim, config.bigram_sign_rows)
-        attention = [i for i in range(config.num_layers) if config.window_pattern[i] != "-"]
-        standard = [i for i in attention if i != last]
-        skip_layers = [i for i in range(config.num_layers) if config.window_pattern[i] == "-"]
-        self.layout = GateLayout(config, standard, skip_layers)
+        self.layout = GateLayout(config)
         self.gates = GateNetworks(config, self.layout)
         self.skip_lambda = make_param(torch.tensor(config.skip_lambda_init), "scalar",
                                       wd_mul=0.0)
@@ -244,10 +310,13 @@ class GPT(SpeedrunLM):
                                      for i in range(config.num_layers)])
         self.last_mix = CoefficientNet(dim, config.mudd_hidden, _bias(14, LAST_LAYER_BIAS),
                                        "mudd")
-        self.final_mix = CoefficientNet(dim, config.mudd_hidden, _bias(5, FINAL_BIAS), "mudd")
+        mix = 5 + (len(config.value_embed_layers) + 1 if config.final_mix_groups else 0)
+        self.final_mix = CoefficientNet(dim, config.mudd_hidden, _bias(mix, FINAL_BIAS), "mudd",
+                                        groups=config.final_mix_groups)
         self.yarn = Yarn(config.head_dim, config.rope_fraction, config.rope_base,
                          config.attn_scale, config.block_size, config.yarn_alpha,
-                         config.yarn_beta, config.yarn_attn_factor)
+                         config.yarn_beta, config.yarn_attn_factor, config.short_qk_dim,
+                         config.short_attn_scale)
         self.register_buffer("prefix_table", _prefix_table(config))
 
     def grads_in_place(self) -> list:
@@ -300,52 +369,74 @@ class GPT(SpeedrunLM):
         dtype, last = self.compute_dtype(inputs), c.num_layers - 1
         masks = self.masks(docs, inputs.is_cuda)
         pairs = round(c.head_dim // 2 * c.rope_fraction)
-        rotary = rotary_tables(self.yarn.rotary_freqs[:pairs], 2 * inputs.numel())
-        scale = self.yarn.attn_scale
+        geometry = {"L": (rotary_tables(self.yarn.rotary_freqs[:pairs], 2 * inputs.numel()),
+                          self.yarn.attn_scale)}
+        geometry["S"] = geometry["L"]
+        if c.short_qk_dim:
+            geometry["S"] = (rotary_tables(self.yarn.short_freqs, 2 * inputs.numel()),
+                             self.yarn.short_scale)
         x0 = norm(self.smear(rows(self.embed, inputs, self.embed_grad)[None].to(dtype), inputs))
         value_embeds = self.value_embeds(inputs, dtype)
         bigram = self.bigram(inputs, dtype) if self.bigram is not None else torch.zeros_like(x0)
         gates = [self.gates(0, x0), None]
-        x = x0 + layout.get(gates, "bigram", 0) * bigram
+        x = x0 + layout.get(gates, "bigram", 0) * bigram if 0 in c.bigram_layers else x0
         saved = {"start": x}
         for layer, block in enumerate(self.blocks):
             if layer == c.post_gate_layer:
                 gates[1] = self.gates(1, x)
             if layer == last:
                 saved["before_last"] = x
-                x = self.last_layer(block, x, x0, bigram, value_embeds, saved, gates, masks,
-                                    rotary, scale, docs)
-            elif block.attn is None:
+                x, saved["last_mlp_input"] = self.last_layer(
+                    block, x, bigram, value_embeds, saved, gates, masks, geometry["L"], docs)
+            elif layer in c.skip_layers:
                 skip = torch.sigmoid(self.skip_lambda).type_as(x) * layout.get(gates, "skip",
                                                                                 layer)
                 x = block.mlp_update(x + skip * saved[c.skip_source])
             else:
-                source = saved[c.shared_input_layer] if layer > c.shared_input_layer else x
-                a_in = norm(source)
-                aux_v = None
-                if layer in value_embeds:
-                    aux_v = block.attn.gated_value(a_in, value_embeds[layer])
-                a = block.attn(a_in, aux_v, masks["P" if block.attn.paired else block.window],
-                               rotary, scale, xsa=layout.get(gates, "xsa", layer),
-                               gate=layout.get(gates, "attn_gate", layer))
-                x = (block.residual[0].type_as(x) * x + block.post[0].type_as(x) * a
-                     + layout.get(gates, "x0", layer) * x0)
-                if layer:
+                x = block.residual[0].type_as(x) * x
+                if block.attn is not None:
+                    source = saved[c.shared_input_layer] if layer > c.shared_input_layer else x
+                    a_in = norm(source)
+                    aux_v = None
+                    if layer in value_embeds:
+                        aux_v = block.attn.gated_value(a_in, value_embeds[layer])
+                    mask = masks["P" if block.attn.paired else block.window]
+                    a = block.attn(a_in, aux_v, mask, *geometry[block.window],
+                                   xsa=layout.get(gates, "xsa", layer),
+                                   gate=layout.get(gates, "attn_gate", layer))
+                    x = x + block.post[0].type_as(x) * a
+                if layer in c.x0_layers:
+                    x = x + layout.get(gates, "x0", layer) * x0
+                if layer and layer in c.bigram_layers:
                     x = x + layout.get(gates, "bigram", layer) * bigram
                 x = block.mlp_update(x)
             saved[layer] = x
-        nu = self.final_mix(x) * MUDD_SCALE
-        first_ve = value_embeds[min(value_embeds)]
-        x = (x + nu[..., 0:1] * saved["start"] + nu[..., 1:2] * saved[c.shared_input_layer]
-             + nu[..., 2:3] * saved["before_last"] + nu[..., 3:4] * first_ve
-             + nu[..., 4:5] * saved[c.skip_source])
-        return norm(x)
+        return norm(self.mix_final(x, saved, value_embeds))
 
-    def last_layer(self, block, x, x0, bigram, value_embeds, saved, gates, masks, rotary, scale,
-                   docs):
+    def mix_final(self, x, saved, value_embeds):
+        """The final state plus saved states, each times a per-token coefficient: the residual
+        start, the shared attention input, the last layer's input, the first value embedding
+        and the skip's source; with ``final_mix_groups`` also the other value embeddings, the
+        last MLP's input and the shared input normed, each coefficient per channel group."""
+        c = self.config
+        shared = saved[c.shared_input_layer]
+        sources = [saved["start"], shared, saved["before_last"],
+                   value_embeds[c.value_embed_layers[0][0]], saved[c.skip_source]]
+        if c.final_mix_groups:
+            sources += [value_embeds[t[0]] for t in c.value_embed_layers[1:]]
+            sources += [saved["last_mlp_input"], norm(shared)]
+        nu = self.final_mix(x) * MUDD_SCALE
+        if not c.final_mix_groups:
+            nu = nu[..., None]  # one group
+        grouped = x.unflatten(-1, (nu.size(-1), -1))
+        for i, s in enumerate(sources):
+            grouped = grouped + nu[..., i, :, None] * s.unflatten(-1, (nu.size(-1), -1))
+        return grouped.flatten(-2)
+
+    def last_layer(self, block, x, bigram, value_embeds, saved, gates, masks, geometry, docs):
         """The last layer with its dense connections: 14 per-token coefficients mu mix the
         residual start, layer ``shared_input_layer``'s output and the input into the values,
-        the input, and the output."""
+        the input, and the output. Returns the output and the MLP's input."""
         c, layout, last = self.config, self.layout, self.config.num_layers - 1
         H, d = c.num_heads, c.head_dim
         start, shared = saved["start"], saved[c.shared_input_layer]
@@ -360,29 +451,31 @@ class GPT(SpeedrunLM):
         if last in c.dc_layers:
             dc = (layout.get(gates, "dc_w1", last), layout.get(gates, "dc_w2", last),
                   c.dc_window, c.block_size)
-        a = block.attn(norm(shared), aux_v, masks[block.window], rotary, scale, docs=docs,
+        a = block.attn(norm(shared), aux_v, masks[block.window], *geometry, docs=docs,
                        gate=layout.get(gates, "attn_gate", last), dc=dc)
         x = m[8] * x + m[9] * a + m[10] * start + m[11] * bigram
-        return m[12] * x + m[13] * block.mlp(norm(x))
+        normed = norm(x)
+        return m[12] * x + m[13] * block.mlp_out(normed), normed
 
     # -- measurement --------------------------------------------------------------------------
 
     def flops_per_token(self, seq_len, windows):
         """Training FLOPs (forward + backward = 3x forward) per token at ``windows`` (short,
-        long) in blocks. Matmuls: 6 per weight. Attention: QK^T and AV, 4 * keys * heads *
-        head_dim forward, keys at the token window within one long document (the paired
-        layers: twice the rows, half the heads, the same window in rows)."""
+        long) in blocks. Matmuls: 6 per weight read (a narrow layer's unread rows are none).
+        Attention: QK^T and AV, 2 * keys * heads * (Q/K width + V width) forward, keys at the
+        token window within one long document (the paired layers: twice the rows, half the
+        heads, the same window in rows)."""
         c = self.config
-        hdim = c.num_heads * c.head_dim
-        matmul = sum(p.numel() for p in self.parameters()
-                     if getattr(p, "label", None) in ("attn", "mlp"))
+        matmul = sum(p.numel() for p in self.parameters() if getattr(p, "label", None) == "mlp")
         matmul += c.padded_vocab * c.model_dim  # lm_head
         attention = 0.0
-        for letter in c.window_pattern:
-            if letter != "-":
-                window = (windows[1] if letter == "L" else windows[0]) * c.block_size
+        for block in self.blocks:
+            if block.attn is not None:
+                a = block.attn
+                matmul += sum(w.numel() for w in a.weights())
+                window = (windows[1] if block.window == "L" else windows[0]) * c.block_size
                 keys = min(window + 1, seq_len)
-                attention += 4 * hdim * keys
+                attention += 2 * c.num_heads * (a.qk_dim + a.v_dim) * keys
         return 6 * matmul + 3 * attention
 
 

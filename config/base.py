@@ -35,6 +35,19 @@ model_config = dict(
     attn_gate_layers=(3, 10),
     dc_layers=(10,),  # #315
     dc_window=112,
+    # record #92's layer roles and widths (config/record92.py), off here: layers without
+    # attention that keep only the MLP or nothing, parallel MLPs; where x0 and the bigram
+    # embedding enter (0: the bigram embedding before the first layer); narrow Q/K on the
+    # short-window layers, half-width V/O; the final mix per channel group
+    mlp_only_layers=(),
+    removed_layers=(),
+    parallel_mlp_layers=(),
+    x0_layers=(0, 1, 2, 3, 4, 5, 7, 8, 9),
+    bigram_layers=(0, 1, 2, 3, 4, 5, 7, 8, 9),
+    short_qk_dim=0,
+    short_attn_scale=0.0,
+    half_vo_layers=(),
+    final_mix_groups=0,
     key_offset=True,
     bigram_rows=50304 * 15 // 2,  # #201
     bigram_sign_rows=8192,  # #299

@@ -1,17 +1,23 @@
-"""config/cpu.py's tiny model with config/record92.py's pieces, on two CPU cores in about a
-minute: record #92's schedule shape over 60 + 4 steps (the grown third stage, the batch taper,
-the extension's untie), ANVIL (its rails engaging at step 26), the sampled softmax until step
-48, the four weight ships, the embedding tables' Adam every fourth step from step 16, documents
-of 384 tokens attending in segments of 320, and the n-gram table in bf16. Its losses say
-nothing about a GPU run; it checks that every piece runs together.
+"""config/record92.py's model at config/cpu.py's sizes with every other piece of it, on two
+CPU cores in about a minute: record #92's schedule shape over 60 + 4 steps (the grown third
+stage, the batch taper, the extension's untie), ANVIL (its rails engaging at step 26), the
+sampled softmax until step 48, the four weight ships, the embedding tables' Adam every fourth
+step from step 16, documents of 384 tokens attending in segments of 320, and the n-gram table
+in bf16. Its losses say nothing about a GPU run; it checks that every piece runs together.
 """
 
 import math
 
 from config import cpu, record92
 
-model_config = dict(cpu.model_config, ngram_table=True, ngram_bf16=True, bigram_rows=16384,
-                    bigram_sign_rows=256, fp8_attn=True)  # float8 only where a GPU has it
+# record92.py's model at cpu.py's sizes: Q/K heads of 32 on the short-window layers (half the
+# heads' 64, as the record's 64 of 128), the final mix per group of 64 channels as the record's
+model_config = dict(record92.model_config,
+                    **{key: cpu.model_config[key] for key in (
+                        "model_dim", "num_heads", "head_dim", "ffn_dim", "block_size", "dc_window",
+                        "gate_hidden", "mudd_hidden")},
+                    short_qk_dim=32, final_mix_groups=2, bigram_rows=16384, bigram_sign_rows=256,
+                    mlp_proj_lr_mul=2 * math.sqrt(512 / 128))
 optimizer_config = dict(record92.optimizer_config,
                         anvil=dict(record92.optimizer_config["anvil"],
                                    engage_step=26))  # the record's 514 of 1194

@@ -1,27 +1,47 @@
-"""What this trainer has of modded-nanogpt's record #92 (ANVIL2, 2026-08-30, commit fd1b14a5):
-its schedule (1122 + 52 grown scheduled steps and 20 extension steps, 329M tokens, documents
-of up to 3072 tokens attending in segments of 2560 from the third stage on, the embedding
-tables' Adam every fourth step from step 336), the ANVIL optimizer, the sampled softmax, the
-four weight ships, the hashed n-gram table (a twentieth of its size) and float8 attention
-projections, on record #89's model.
+"""Modded-nanogpt's record #92 (ANVIL2, 2026-08-30, commit fd1b14a5) on one GPU: its model
+(mixed-width attention, attention-free and removed layers, the parallel MLP, the grouped final
+mix), its schedule (1122 + 52 grown scheduled steps and 20 extension steps, 329M tokens,
+documents of up to 3072 tokens attending in segments of 2560 from the third stage on, the
+embedding tables' Adam every fourth step from step 336), the ANVIL optimizer, the sampled
+softmax, the four weight ships, the hashed n-gram table and float8 attention projections.
 
-Not yet here (README, Recipe): record #92's model (mixed-width attention, its removed layer,
-three YaRN tables, where the n-gram table enters) and its n-gram table's full size. So this is
-not record #92; it is config/base.py with every piece of record #92 that is ported, to compare
-with it.
+Not here (README, Recipe): the n-gram table's full size (this one is a twentieth of it) and
+the record's CUDA graphs and fused kernels.
 """
 
 import math
 
 from config import base
 
-# Record #92's n-gram table in the bigram table's place (bigram and trigram channels, row-wise
-# Adam, bf16 weights). The record's has 84,602,880 rows (121 GiB over 8 GPUs); with this
-# trainer's dense gradients 4,194,304 rows fit one 80 GB GPU by memory.py's estimate (55.2 GB
-# at the full micro-batch, the table's micro-batch gradient included; not yet measured).
-model_config = dict(base.model_config, ngram_table=True, ngram_bf16=True,
-                    bigram_rows=4_194_304, bigram_sign_rows=8192,
-                    fp8_attn=True)  # its QKV in float8 too
+# Record #92's model: 7 of 11 layers attend (0, 1, 2, 3, 5, 8, 10), Q/K heads of 64 on the
+# short-window layers and 128 on the long (3, 10), V/O halved on 1 and 8; layers 4 and 9 keep
+# only their MLP, layer 7 is removed (its residual scales and x0 injection stay), layer 8 has a
+# second MLP beside the first; MLPs of 2816; the final mix of ten states per group of 64
+# channels. Its n-gram table enters before layer 0, in 1, 4, 5, 9 and the last layer's mix.
+# The table: bigram and trigram channels, row-wise Adam, bf16 weights. The record's has
+# 84,602,880 rows (121 GiB over 8 GPUs); with this trainer's dense gradients 4,194,304 rows
+# fit one 80 GB GPU.
+model_config = dict(
+    base.model_config,
+    window_pattern="SSSL-S--S-L",
+    mlp_only_layers=(4, 9),
+    removed_layers=(7,),
+    parallel_mlp_layers=(8,),
+    x0_layers=(0, 1, 2, 4, 5, 7),
+    bigram_layers=(0, 1, 4, 5, 9),
+    short_qk_dim=64,
+    short_attn_scale=0.13,
+    attn_scale=0.085,  # the long-window layers'
+    half_vo_layers=(1, 8),
+    final_mix_groups=12,
+    value_embed_layers=((1,), (2,), (8,), (10,)),
+    paired_head_layers=(0, 2, 5),
+    xsa_layers=(1, 3),
+    dc_layers=(),
+    ffn_dim=2816,
+    mlp_proj_lr_mul=2 * math.sqrt(2816 / 768),  # the record's c_proj: shape factor times 2
+    ngram_table=True, ngram_bf16=True, bigram_rows=4_194_304, bigram_sign_rows=8192,
+    fp8_attn=True)  # its QKV in float8 too
 optimizer_config = dict(
     base.optimizer_config,
     matrix_optimizer="anvil",

@@ -74,12 +74,20 @@ class GatedAttention(nn.Module):
       the share tanh(alpha) of its component along its own token's value) and a linear
       output gate, each taking per-token coefficients from the model's gate networks;
     * learnable scales lambda_q (on Q, K, V) and lambda_o (on the output projection);
+    * record #92's mixed widths: Q/K heads of ``qk_dim`` (every dim rotating on a narrow layer)
+      and V/O of ``v_dim``, read from the full-width weights;
     * with ``fp8_attn``, the projections in float8 where the GPU has it (``kernels.linear``).
     """
 
-    def __init__(self, config, paired: bool, key_offset: bool, value_gate: bool):
+    def __init__(self, config, paired: bool, key_offset: bool, value_gate: bool,
+                 qk_dim: int = 0, v_dim: int = 0):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        # record #92's narrow heads: Q and K (qk_dim), V and O (v_dim) narrower than head_dim.
+        # The weights keep the full width, the layer reads the first qk_dim (v_dim) rows of
+        # each head (O: columns), as the record's banks do: the optimizer then sees the
+        # record's matrices, whose unread rows get no gradient
+        self.qk_dim, self.v_dim = qk_dim or self.head_dim, v_dim or self.head_dim
         self.paired, self.key_offset = paired, key_offset
         self.fp8 = config.fp8_attn  # the projections through kernels.linear
         hdim, dim = config.num_heads * config.head_dim, config.model_dim
@@ -92,6 +100,18 @@ class GatedAttention(nn.Module):
         self.lambdas = make_param(torch.tensor([0.5, 1.0]), "scalar", wd_mul=0.0)
         self.value_gate = make_param(torch.zeros(config.num_heads, GATE_CHANNELS), "gate") \
             if value_gate else None
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """The Q, K, V rows (2 H qk_dim + H v_dim, D) and the output projection (D, H v_dim)
+        that the layer reads."""
+        H, d = self.num_heads, self.head_dim
+        qk, v, o = self.qk, self.vo[0], self.vo[1]
+        if self.qk_dim != d:
+            qk = qk.view(2 * H, d, -1)[:, :self.qk_dim].flatten(0, 1)
+        if self.v_dim != d:
+            v = v.view(H, d, -1)[:, :self.v_dim].flatten(0, 1)
+            o = o.view(-1, H, d)[..., :self.v_dim].flatten(1)
+        return torch.cat([qk, v]), o
 
     def gated_value(self, x: Tensor, value_embed: Tensor) -> Tensor:
         """The value embedding scaled per head by 2 sigmoid(w . [x[:6], ve[:6]]): x is the
@@ -106,29 +126,29 @@ class GatedAttention(nn.Module):
         the doubled one on a paired layer); rotary the (cos, sin) tables of the rotating pairs
         over 2T positions; xsa (1, T, H) raw alphas, gate (1, T, H), dc (w1, w2, window, block)
         or None. Returns (1, T, D)."""
-        T, H, d = x.size(1), self.num_heads, self.head_dim
+        T, H, d, dv = x.size(1), self.num_heads, self.qk_dim, self.v_dim
         scale_q, scale_o = self.lambdas.type_as(x)
-        weight = torch.cat([self.qk, self.vo[0]]).type_as(x)
-        qkv = kernels.linear(x, scale_q * weight, self.fp8)
-        q, k, v = qkv.view(1, T, 3 * H, d).chunk(3, dim=2)
+        qkv_weight, o_weight = self.weights()
+        qkv = kernels.linear(x, scale_q * qkv_weight.type_as(x), self.fp8)
+        q, k, v = qkv.split([H * d, H * d, H * dv], dim=-1)
+        q, k, v = q.view(1, T, H, d), k.view(1, T, H, d), v.view(1, T, H, dv)
         q, k = norm(q), norm(k)
+        if aux_v is not None:
+            v = v + aux_v[..., :dv]  # a half-width V adds the value's first half
         cos, sin = rotary
         if self.paired:
             # head 2g + b of token t at position 2t + b; rows 2t, 2t + 1 of the doubled sequence
             cos, sin = (table.view(1, T, 1, 2, -1) for table in (cos, sin))
             q, k = (apply_rotary_interleaved(t.view(1, T, H // 2, 2, d), cos, sin)
                     .reshape(1, 2 * T, H // 2, d) for t in (q, k))
-            v = v if aux_v is None else v + aux_v
-            v = v.reshape(1, 2 * T, H // 2, d)
+            v = v.reshape(1, 2 * T, H // 2, dv)
         else:
             cos, sin = cos[:, :T], sin[:, :T]
             q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
             if self.key_offset:
                 k = torch.cat([k[..., :d // 2], torch.cat([k[:, :1, :, d // 2:],
                                                            k[:, :-1, :, d // 2:]], dim=1)], -1)
-            if aux_v is not None:
-                v = v + aux_v
-        y = attend(q, k, v, mask, scale).view(1, T, H, d)
+        y = attend(q, k, v, mask, scale).reshape(1, T, H, dv)
         if dc is not None:
             w1, w2, window, block = dc
             y = y + dc_correction(q, k, v, w1, w2, docs, scale, window, block)
@@ -138,7 +158,7 @@ class GatedAttention(nn.Module):
             y = y - torch.tanh(xsa)[..., None] * along * v
         if gate is not None:
             y = y * gate[..., None]
-        return kernels.linear(y.flatten(2), scale_o * self.vo[1].type_as(y), self.fp8)
+        return kernels.linear(y.flatten(2), scale_o * o_weight.type_as(y), self.fp8)
 
 
 def attend(q, k, v, mask, scale):

@@ -29,42 +29,52 @@ MUDD_SCALE = 0.1
 
 class CoefficientNet(nn.Module):
     """(gelu(x W1^T) W2^T + b) per token; W2 starts at zero, so the coefficients at init are
-    the bias."""
+    the bias. With ``groups`` (record #92's final mix) each coefficient gets a delta per
+    channel group, from weights W2g that also start at zero: (1, T, n, groups)."""
 
-    def __init__(self, dim: int, hidden: int, bias: Tensor, label: str):
+    def __init__(self, dim: int, hidden: int, bias: Tensor, label: str, groups: int = 0):
         super().__init__()
         bound = 1 / math.sqrt(dim)  # kaiming_uniform with a = sqrt(5), as nn.Linear
         self.w1 = make_param(torch.empty(hidden, dim).uniform_(-bound, bound), label)
         self.w2 = make_param(torch.zeros(len(bias), hidden), label)
         self.bias = make_param(bias.clone(), label, wd_mul=0.0)
+        self.w2g = make_param(torch.zeros(len(bias), groups, hidden), label) if groups else None
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = F.gelu(F.linear(x, self.w1.type_as(x)))
-        return F.linear(hidden, self.w2.type_as(x), self.bias.type_as(x))
+        out = F.linear(hidden, self.w2.type_as(x), self.bias.type_as(x))
+        if self.w2g is None:
+            return out
+        return out[..., None] + torch.einsum("...h,ngh->...ng", hidden, self.w2g.type_as(x))
 
 
 class GateLayout:
     """Where each layer finds its gates: (network, first channel, channels) by (kind, layer).
 
-    Layers before ``post_layer`` read the pre network, the others the post one. In each, in
-    this order: the XSA strengths of its XSA layers (a channel per head), the output gates of
-    its gated layers (per head), an (x0, bigram) pair for each standard attention layer (the
-    first layer's bigram gate scales the bigram embedding added before it), a skip gate for a
-    layer without attention, DC's w1 then w2 (per head) for its DC layers."""
+    Layers before ``post_gate_layer`` read the pre network, the others the post one. In each,
+    in this order: the XSA strengths of its XSA layers (a channel per head), the output gates
+    of its gated layers (per head), each layer's x0 then bigram gate (layer 0's bigram gate
+    scales the bigram embedding added before it), a skip gate for each skip layer, DC's w1 then
+    w2 (per head) for its DC layers."""
 
-    def __init__(self, config, standard_layers, skip_layers):
+    def __init__(self, config):
         self.slots, sizes = {}, [0, 0]
         heads = config.num_heads
+        injected = sorted(set(config.x0_layers) | set(config.bigram_layers))
         kinds = [("xsa", config.xsa_layers, heads), ("attn_gate", config.attn_gate_layers, heads),
-                 ("pair", standard_layers, 2), ("skip", skip_layers, 1),
+                 ("inject", injected, 0), ("skip", config.skip_layers, 1),
                  ("dc", config.dc_layers, 2 * heads)]
         for kind, layers, width in kinds:
             for layer in layers:
                 net = int(layer >= config.post_gate_layer)
-                if kind == "pair":
-                    self.slots["x0", layer] = (net, sizes[net], 1)
-                    self.slots["bigram", layer] = (net, sizes[net] + 1, 1)
-                elif kind == "dc":
+                if kind == "inject":
+                    for name, named in (("x0", config.x0_layers),
+                                        ("bigram", config.bigram_layers)):
+                        if layer in named:
+                            self.slots[name, layer] = (net, sizes[net], 1)
+                            sizes[net] += 1
+                    continue
+                if kind == "dc":
                     self.slots["dc_w1", layer] = (net, sizes[net], heads)
                     self.slots["dc_w2", layer] = (net, sizes[net] + heads, heads)
                 else:

@@ -60,10 +60,16 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class Yarn(nn.Module):
     """The attention windows (short, long) in blocks, the rotary frequencies and the attention
-    scale, and the one place that changes them (``set_windows``)."""
+    scale, and the one place that changes them (``set_windows``).
+
+    With ``short_dim`` (record #92's narrow heads) a second set for the short-window layers:
+    ``short_dim``-wide heads rotating every dim (the same frequencies as the long set's rotating
+    pairs) with their own scale, rescaled for the short window's growth when the long window
+    grows, as the record's three tables are."""
 
     def __init__(self, head_dim: int, rope_fraction: float, rope_base: float, attn_scale: float,
-                 block_size: int, alpha: float, beta: float, attn_factor: float):
+                 block_size: int, alpha: float, beta: float, attn_factor: float,
+                 short_dim: int = 0, short_attn_scale: float = 0.0):
         super().__init__()
         self.block_size, self.alpha, self.beta, self.attn_factor = (block_size, alpha, beta,
                                                                      attn_factor)
@@ -72,6 +78,9 @@ class Yarn(nn.Module):
         self.register_buffer("rotary_freqs",
                              rotary_frequencies(head_dim, rope_fraction, rope_base).float())
         self.register_buffer("attn_scale", torch.tensor(attn_scale))
+        self.register_buffer("short_freqs", rotary_frequencies(short_dim, 1.0, rope_base).float()
+                             if short_dim else None)
+        self.register_buffer("short_scale", torch.tensor(short_attn_scale) if short_dim else None)
         self.current = None  # (short, long) as last set; None before the first set
 
     def set_windows(self, windows: tuple[int, int], yarn: bool = True) -> None:
@@ -82,12 +91,16 @@ class Yarn(nn.Module):
         if windows == self.current:
             return
         if yarn and self.current is not None and self.current[1] != windows[1]:
-            old, new = self.current[1] * self.block_size, windows[1] * self.block_size
-            freqs = yarn_frequencies(self.rotary_freqs.double(), old, new, self.alpha, self.beta)
-            self.rotary_freqs.copy_(freqs)
-            self.attn_scale.mul_(1 + self.attn_factor * math.log(new / old))
+            self._rescale(self.rotary_freqs, self.attn_scale, self.current[1], windows[1])
+            if self.short_freqs is not None:
+                self._rescale(self.short_freqs, self.short_scale, self.current[0], windows[0])
         self.windows.copy_(torch.tensor(windows, dtype=torch.int32))
         self.current = windows
+
+    def _rescale(self, freqs: Tensor, scale: Tensor, old: int, new: int) -> None:
+        old, new = old * self.block_size, new * self.block_size
+        freqs.copy_(yarn_frequencies(freqs.double(), old, new, self.alpha, self.beta))
+        scale.mul_(1 + self.attn_factor * math.log(new / old))
 
     def tables(self, length: int) -> tuple[Tensor, Tensor]:
         return rotary_tables(self.rotary_freqs, length)

@@ -44,6 +44,25 @@ def tiny_gpt_config():
 
 
 @pytest.fixture
+def tiny_record92_config():
+    return tiny_record92_model_config()
+
+
+def tiny_record92_model_config():
+    """Record #92's model (config/record92.py: narrow Q/K, halved V/O, attention-free and
+    removed layers, the parallel MLP, the grouped final mix, the n-gram table) at width 32."""
+    import run
+
+    config = run.load_config(REPO_ROOT / "config" / "record92.py")["model_config"]
+    tiny = tiny_gpt_config()
+    return dict(config, **{key: tiny[key] for key in (
+        "model_dim", "num_heads", "head_dim", "ffn_dim", "block_size", "dc_window", "bigram_rows",
+        "bigram_sign_rows", "gate_hidden", "mudd_hidden", "prefix_prediction", "fp8_lm_head",
+        "fp8_mlp", "fused_mlp")}, short_qk_dim=8, final_mix_groups=2, ngram_bf16=False,
+                fp8_attn=False)
+
+
+@pytest.fixture
 def record55_model_config():
     """Record #55's model: 4 layers with every trick switched on, small enough for CPU tests."""
     return dict(

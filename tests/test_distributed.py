@@ -29,6 +29,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import tiny_record92_model_config
 from test_train import CPU, tiny_config, write_tiny_shards
 
 import run
@@ -67,10 +68,10 @@ def two_rank_config(folder, data_dir):
 
 def short_run_config(folder, data_dir):
     """A full run in 6 + 1 steps: stages at steps 2 and 4, untie at 3; validation at 5 and 7;
-    record #92's n-gram table (row-wise Adam) in the bigram table's place."""
+    record #92's model with its n-gram table (row-wise Adam)."""
     config = two_rank_config(folder, data_dir)
     config["schedule"].update(num_scheduled_iterations=6, num_extension_iterations=1)
-    config["model_config"]["ngram_table"] = True
+    config["model_config"] = dict(tiny_record92_model_config(), prefix_prediction=False)
     return config
 
 

@@ -412,3 +412,30 @@ def test_sampled_softmax_on_gpu():
                                    ids.to(device), weights.to(device), sets[0].to(device),
                                    (23.0, 5.0, 7.5, False), fp8).item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)
+
+
+def test_record92_parity_in_float32_on_gpu(monkeypatch):
+    """Record #92's model compiled on the GPU (FlexAttention with Q/K of 64 beside V of 128 on
+    the paired layers, the narrow and wide rotary tables) in float32 against the record's
+    float32 numbers: the training objective and the small parameters' gradients."""
+    import test_parity_model92 as parity92
+
+    from model import GPT
+
+    monkeypatch.setattr(GPT, "compute_dtype", staticmethod(lambda inputs: torch.float32))
+    gpt = parity92.record_model().cuda()
+    x, y, docs = parity92.batch()
+    s = parity92.at(gpt, "train")
+    run = torch.compile(gpt, dynamic=False, fullgraph=True)
+    loss = run(x.cuda(), y.cuda(), docs.cuda(), parity92.weights(s).cuda()) * x.numel()
+    loss.backward()
+    assert loss.item() == pytest.approx(parity92.REF["outputs"]["train_total"].item(), rel=1e-5)
+    small = {label: g for label, g in parity92.REF["grads"].items() if not isinstance(g, dict)}
+    names = {param: name for name, param in gpt.named_parameters()}
+    errors = {}
+    for param, want in parity92.from_record(gpt, {**parity92.record_params(), **small}).items():
+        if param.numel() <= 16384 and param.grad is not None:
+            errors[names[param]] = ((param.grad.cpu() - want).norm()
+                                    / want.norm().clamp_min(1e-12)).item()
+    print(sorted(errors.items(), key=lambda item: item[1])[-5:])
+    assert errors and max(errors.values()) < 1e-3

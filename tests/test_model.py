@@ -22,8 +22,9 @@ from utils import ConfigError
 BOS = BOS_ID
 
 
-def test_causality(tiny_model_config):
-    gpt = make_model(tiny_model_config)
+@pytest.mark.parametrize("name", ["tiny_model_config", "tiny_record92_config"])
+def test_causality(name, request):
+    gpt = make_model(request.getfixturevalue(name))
     x = tokens(96, doc_starts=(0, 40))
     logits = gpt(x)
     for t in (10, 41, 70):
@@ -33,13 +34,16 @@ def test_causality(tiny_model_config):
         assert not torch.allclose(gpt(changed)[t + 1:], logits[t + 1:])
 
 
-@pytest.mark.parametrize("untied,ngram", [(False, False), (True, False), (False, True)])
-def test_decoding_equals_the_full_forward_pass(tiny_model_config, untied, ngram):
+@pytest.mark.parametrize("untied,ngram,record92", [(False, False, False), (True, False, False),
+                                                   (False, True, False), (False, True, True)])
+def test_decoding_equals_the_full_forward_pass(tiny_model_config, tiny_record92_config, untied,
+                                               ngram, record92):
     # Past token 204 (the receptive field at windows of 1 and 2 blocks) the state drops tokens
     # no new one depends on; documents start at 37 and 250, where the smear gate, the bigram
     # hash and attention must stop (the n-gram table's hashes read across a start, as the
-    # record's: the full pass does too).
-    gpt = make_model(dict(tiny_model_config, ngram_table=ngram), 1, 2)
+    # record's: the full pass does too). Record #92's model: its own layers and widths.
+    config = tiny_record92_config if record92 else dict(tiny_model_config, ngram_table=ngram)
+    gpt = make_model(config, 1, 2)
     if untied:
         gpt.tie.tied = False
         with torch.no_grad():
@@ -88,11 +92,13 @@ def test_document_isolation(tiny_model_config):
     torch.testing.assert_close(gpt(changed)[40:], gpt(x)[40:], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("ngram", [False, True])
-def test_reach_bounds_what_a_token_sees(tiny_model_config, ngram):
+@pytest.mark.parametrize("ngram,record92", [(False, False), (True, False), (True, True)])
+def test_reach_bounds_what_a_token_sees(tiny_model_config, tiny_record92_config, ngram,
+                                        record92):
     """Validation scores a chunk in pieces behind ``receptive_field`` tokens of context: a token
     further back than that must not change an output, one at the edge of a window must."""
-    gpt = make_model(dict(tiny_model_config, ngram_table=ngram))
+    gpt = make_model(tiny_record92_config if record92
+                     else dict(tiny_model_config, ngram_table=ngram))
     windows = (1, 2)
     reach = gpt.config.receptive_field(windows)
     T = -(-(reach + 64) // 16) * 16
@@ -239,6 +245,16 @@ def test_bad_config_is_named(tiny_model_config):
         make_gpt(dict(tiny_model_config, dc_window=17))
     with pytest.raises(ConfigError, match="fused_mlp is relu\\^2's MLP: activation must be relu2"):
         make_gpt(dict(tiny_model_config, fused_mlp=True, activation="gelu"))
+    for key, value, message in (
+            ("removed_layers", (5,), "marked - in window_pattern"),
+            ("x0_layers", (6,), "x0_layers \\(6,\\) must name distinct layers before the last"),
+            ("bigram_layers", (10,), "bigram_layers"),
+            ("parallel_mlp_layers", (11,), "parallel_mlp_layers"),
+            ("short_qk_dim", 7, "short_qk_dim 7 must be even"),
+            ("half_vo_layers", (0,), "half_vo_layers cannot be DC, paired or the last layer"),
+            ("final_mix_groups", 5, "final_mix_groups 5 must divide model_dim")):
+        with pytest.raises(ConfigError, match=message):
+            make_gpt(dict(tiny_model_config, **{key: value}))
 
 
 def test_fused_mlp_keeps_its_activation_scale_in_the_state(tiny_model_config):
@@ -312,8 +328,23 @@ def test_flops_per_token_counts_keys(tiny_model_config):
     assert gpt.flops_per_token(64, (1, 2)) == pytest.approx(6 * matmul + 3 * attention)
 
 
-def test_no_graph_breaks(tiny_model_config):
-    gpt = make_model(tiny_model_config)
+def test_flops_of_record92s_model_count_what_its_layers_read(tiny_record92_config):
+    """Its 7 attention layers: Q/K of 8 on the five short-window ones (V/O of 8 on 1 and 8),
+    the full 16 on the two long ones; MLPs on 10 layers plus layer 8's second."""
+    gpt = make_gpt(tiny_record92_config)
+    D, H, ffn = 32, 2, 64
+    widths = {0: (8, 16), 1: (8, 8), 2: (8, 16), 3: (16, 16), 5: (8, 16), 8: (8, 8),
+              10: (16, 16)}
+    matmul = sum(2 * H * qk * D + 2 * H * v * D for qk, v in widths.values())
+    matmul += 11 * 2 * ffn * D + gpt.lm_head.numel()
+    attention = sum(2 * H * (qk + v) * (33 if layer in (3, 10) else 17)
+                    for layer, (qk, v) in widths.items())
+    assert gpt.flops_per_token(64, (1, 2)) == pytest.approx(6 * matmul + 3 * attention)
+
+
+@pytest.mark.parametrize("name", ["tiny_model_config", "tiny_record92_config"])
+def test_no_graph_breaks(name, request):
+    gpt = make_model(request.getfixturevalue(name))
     x, y = tokens(64), tokens(64, seed=2)
     explanation = torch._dynamo.explain(gpt)(x, y, None, torch.tensor([1.0, 0.5, 0.2, 0.1]))
     assert explanation.graph_break_count == 0, explanation.break_reasons
