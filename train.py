@@ -257,8 +257,8 @@ class TrainingManager:
         self.world.broadcast_tensors([p.detach() for p in self.model.parameters()])
         self.optimizer = build_optimizer(self.model, config.optimizer, self.world)
         self.table_grads = self.model.grads_in_place() if self.tc.table_grads_in_place else []
-        self.compiled = (torch.compile(self.model, dynamic=False, fullgraph=True)
-                         if config.compile.enabled else self.model)
+        self.compiled = (self.model.compiled_forward() if config.compile.enabled
+                         else self.model)
         dc, seq, micro = config.data, self.tc.max_seq_len, self.tc.micro_batch_tokens
         ranks = dict(rank=self.world.rank, world_size=self.world.world_size,
                      vocab_size=config.model.vocab_size)

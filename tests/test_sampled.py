@@ -114,29 +114,34 @@ def test_the_models_groups_end_their_tokens_ahead(tiny_model_config):
     torch.testing.assert_close(got, torch.stack(want).mean())
 
 
-def test_one_compiled_graph_serves_every_set_size(tiny_model_config):
-    """With the set size marked dynamic (as the trainer marks it) the compiled model (fullgraph,
-    dynamic=False, as the trainer compiles it) traces once for all the schedule's sizes and
-    gives the eager losses."""
+def test_the_trunk_compiles_once_and_one_loss_graph_serves_every_set_size(tiny_model_config,
+                                                                         monkeypatch):
+    """As the trainer compiles the model (``compiled_forward``: fullgraph, dynamic=False) and
+    marks the set size dynamic: the trunk traces once for the full and the sampled softmax,
+    the sampled loss once for all the schedule's sizes, and both give the eager losses."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from layers.sampled import mark_set_size_dynamic
 
+    counter = CompileCounterWithBackend("aot_eager")
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, **kw, backend=counter))
     gpt = make_gpt(dict(tiny_model_config, prefix_prediction=False))
     tokens = torch.randint(0, 50000, (128,), generator=torch.Generator().manual_seed(0))
     inputs, targets = tokens, torch.roll(tokens, -1)
+    docs = document_ids(inputs)
     weights = torch.tensor([1.0, 0.5, 0.0])
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(gpt, backend=counter, dynamic=False, fullgraph=True)
+    compiled = gpt.compiled_forward()
+    torch.testing.assert_close(compiled(inputs, targets, docs, weights),
+                               gpt(inputs, targets, docs, weights))
     sampler = CandidateSampler(gpt.config.padded_vocab, groups=2, device="cpu")
     for size in (256, 320, 448):
         candidates = torch.stack([sampler.build(targets[g * 64:(g + 1) * 64], size, g)
                                   for g in range(2)])
         want = gpt(inputs, targets, loss_weights=weights, candidates=candidates)
-        got = compiled(inputs, targets, loss_weights=weights,
-                       candidates=mark_set_size_dynamic(candidates))
+        got = compiled(inputs, targets, docs, weights, mark_set_size_dynamic(candidates))
         torch.testing.assert_close(got, want)
-    assert counter.frame_count == 1
+    assert counter.frame_count == 3  # the trunk, the full loss, the sampled loss
 
 
 def test_more_targets_than_candidates_is_refused():
