@@ -39,9 +39,10 @@ BYTES_PER_UNIT = {
 }
 
 
-def state_bytes(model_config, optimizer_config) -> int:
+def state_bytes(model_config, optimizer_config, row_grads: int = 0) -> int:
     """Weights, gradients and optimizer state of the run, in bytes (and the n-gram table's
-    gradient of a micro-batch)."""
+    gradient of a micro-batch); with ``row_grads`` (training_config.ngram_row_grads) the table
+    has no gradient of its size, but room for that many gradient rows and their ids."""
     import torch
 
     from model import build_model
@@ -56,9 +57,12 @@ def state_bytes(model_config, optimizer_config) -> int:
     # the n-gram table's dense gradient of a micro-batch, beside its .grad until added to it:
     # the bytes per unit were measured with record #89's small bigram table, whose share of
     # this is in them
-    transient = sum(p.numel() * p.element_size() for p in model.parameters()
-                    if getattr(p, "row_adam", False))
-    return 2 * weights + state + transient
+    tables = [p for p in model.parameters() if getattr(p, "row_adam", False)]
+    table_bytes = sum(p.numel() * p.element_size() for p in tables)
+    if not row_grads:
+        return 2 * weights + state + table_bytes
+    rows = sum(row_grads * (p.size(1) * p.element_size() + 8) for p in tables)
+    return 2 * weights - table_bytes + state + rows
 
 
 def activation_bytes_per_token(model_config, fp8: bool) -> float:
@@ -77,7 +81,9 @@ def uses_fp8(model_config, device) -> bool:
 def peak_bytes(config, device, multiple: int) -> float:
     """The estimated peak memory of a step with micro-batches of ``multiple`` x max_seq_len."""
     tokens = multiple * config.training.max_seq_len
-    return (state_bytes(config.model, config.optimizer)
+    row_grads = (config.schedule.rows_between_table_steps() if config.training.ngram_row_grads
+                 else 0)
+    return (state_bytes(config.model, config.optimizer, row_grads)
             + tokens * activation_bytes_per_token(config.model, uses_fp8(config.model, device)))
 
 

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from distributed import World
 from updates import (
+    adam_rows_update_,
     adam_step_,
     compiled_adam_step_,
     compiled_matrix_step_,
@@ -244,10 +245,15 @@ class _AdamGroup:
         return dict(step=0, exp_avg=zeros, exp_avg_sq=zeros.clone())
 
     @torch.no_grad()
-    def step(self, lr_factor: float, held: tuple = (), pace: dict | None = None) -> None:
+    def step(self, lr_factor: float, held: tuple = (), pace: dict | None = None,
+             row_grads: dict | None = None) -> None:
         """Adam on the parameters with gradients, but those labelled in ``held``; a label in
-        ``pace`` (label -> k) steps as k steps at once: betas ** k, decay times k."""
-        entries = [e for e in self.entries if e.param.grad is not None and e.label not in held]
+        ``pace`` (label -> k) steps as k steps at once: betas ** k, decay times k.
+        ``row_grads``: {entry: (rows, gradient rows)} of parameters whose gradient is kept as
+        rows (the n-gram table's, ``layers.ngram.RowGradients``)."""
+        row_grads = row_grads or {}
+        entries = [e for e in self.entries if (e.param.grad is not None or e in row_grads)
+                   and e.label not in held]
         if not entries:
             return
         betas, step_sizes, decays = [], [], []
@@ -262,6 +268,15 @@ class _AdamGroup:
             lr = self.hp["lr"] * lr_factor * e.lr_mul
             step_sizes.append(lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
             decays.append(self.hp["weight_decay"] * e.wd_mul * k * lr * lr)
+        for i, e in enumerate(entries):
+            if e in row_grads:
+                adam_rows_update_(e.param, *row_grads[e], e.state["exp_avg_sq"], betas[i][1],
+                                  self.hp["eps"], step_sizes[i], decays[i])
+        keep = [i for i, e in enumerate(entries) if e not in row_grads]
+        entries, betas = [entries[i] for i in keep], [betas[i] for i in keep]
+        step_sizes, decays = [step_sizes[i] for i in keep], [decays[i] for i in keep]
+        if not entries:
+            return
         n, cuda = len(entries), entries[0].param.is_cuda
         for lo, hi in [(0, n)] if self.one_call else [(i, i + 1) for i in range(n)]:
             part = entries[lo:hi]
@@ -553,7 +568,8 @@ class Optimizers:
             work.wait()
         if adam:
             self._groups["adam"].step(self.lr_factor, held,
-                                      dict.fromkeys(TABLE_LABELS, table_pace))
+                                      dict.fromkeys(TABLE_LABELS, table_pace),
+                                      self.row_gradients(held))
             if not frozen:
                 self._groups["scalar"].step(self.lr_factor)
         for stack_step in stack_steps:
@@ -572,12 +588,34 @@ class Optimizers:
         ]
         return self.world.start_all_reduce_mean(grads)
 
+    def row_gradients(self, held: tuple = ()) -> dict:
+        """{entry: (rows, summed gradient rows)} of the parameters whose gradient is kept as
+        rows (``row_grads``), but those of the labels ``held``; with several ranks every
+        rank's rows, the gradients averaged over the ranks (a host sync)."""
+        out = {}
+        for e in self._groups["adam"].entries:
+            grads = getattr(e.param, "row_grads", None)
+            if grads is None or not grads.used or e.label in held:
+                continue
+            ids, g = grads.ids[:grads.used], grads.grads[:grads.used]
+            if self.world.distributed:  # every rank holds as many rows (micro-batches alike)
+                (ids, work_ids), (g, work_g) = (self.world.start_all_gather(t, t.size(0))
+                                                for t in (ids, g))
+                work_ids.wait()
+                work_g.wait()
+            rows, inverse = torch.unique(ids, return_inverse=True)
+            summed = torch.zeros(rows.numel(), g.size(1), dtype=torch.float32, device=g.device)
+            out[e] = rows, summed.index_add_(0, inverse, g.float()) / self.world.world_size
+        return out
+
     def zero_grad(self, adam: bool = True, tables: bool = True) -> None:
-        """Set every grad to None; with ``adam`` off, the matrix group's only; with
-        ``tables`` off, all but the embedding tables'."""
+        """Set every grad to None (and clear gradients kept as rows); with ``adam`` off, the
+        matrix group's only; with ``tables`` off, all but the embedding tables'."""
         for e in self._entries:
             if (adam or e.group == "matrix") and (tables or e.label not in TABLE_LABELS):
                 e.param.grad = None
+                if getattr(e.param, "row_grads", None) is not None:
+                    e.param.row_grads.clear()
 
     def set_lr_factor(self, factor: float) -> None:
         """Schedule multiplier (warm-up / cool-down) applied to every group's base lr."""

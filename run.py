@@ -240,6 +240,13 @@ def build_config(raw: dict, world_size: int = 1) -> RunConfig:
     if training.table_grads_in_place and model.architecture == "record55":
         raise ConfigError("training_config.table_grads_in_place: record #55's model looks its "
                           "tables up with autograd's own gradients; set it to false")
+    if training.ngram_row_grads and not getattr(model, "ngram_table", False):
+        raise ConfigError("training_config.ngram_row_grads keeps the n-gram table's gradient "
+                          "as rows: it needs model_config.ngram_table; set it to false")
+    if training.ngram_row_grads and (training.table_grads_in_place or training.grad_clip_norm):
+        raise ConfigError("training_config.ngram_row_grads leaves the n-gram table without a "
+                          "dense gradient, which table_grads_in_place and grad_clip_norm need: "
+                          "turn those off (or ngram_row_grads)")
     if training.grad_clip_norm and world_size > 1:
         raise ConfigError("training_config.grad_clip_norm needs the whole gradient in one "
                           "place; with several processes each holds only its share of the "

@@ -265,6 +265,13 @@ class Schedule:
     def stage_of(self, step):
         return sum(1 for s in self.starts if s <= step) - 1
 
+    def rows_between_table_steps(self) -> int:
+        """The n-gram table's looked-up rows (two a token) a process holds at most between two
+        of the tables' steps: its share of the largest step's tokens, for as many steps."""
+        c = self.config
+        steps = max(c.adam_every, c.table_adam_every)
+        return 2 * max(s.tokens for s in self.stages_table) // self.world_size * steps
+
     def at(self, step) -> StepPlan:
         index = self.stage_of(step)
         stage = self.stages_table[index]

@@ -99,6 +99,9 @@ class TrainingConfig:
     benchmark_steps: int  # timed steps per stage in --benchmark mode
     # the embedding tables' gradients added in place, row by row (layers/embeddings.py)
     table_grads_in_place: bool = False
+    # the n-gram table's gradient kept as (row, gradient) pairs between its steps, no
+    # table-sized gradient (layers/ngram.py RowGradients)
+    ngram_row_grads: bool = False
 
     def __post_init__(self):
         if self.device not in ("cuda", "cpu"):
@@ -257,6 +260,8 @@ class TrainingManager:
         self.world.broadcast_tensors([p.detach() for p in self.model.parameters()])
         self.optimizer = build_optimizer(self.model, config.optimizer, self.world)
         self.table_grads = self.model.grads_in_place() if self.tc.table_grads_in_place else []
+        self.row_grads = (self.model.bigram.row_gradients(
+            self.schedule.rows_between_table_steps()) if self.tc.ngram_row_grads else None)
         self.compiled = (self.model.compiled_forward() if config.compile.enabled
                          else self.model)
         dc, seq, micro = config.data, self.tc.max_seq_len, self.tc.micro_batch_tokens
@@ -343,6 +348,8 @@ class TrainingManager:
             # without candidates the call is validation's: one graph for both
             sets = self.candidates(plan, index, targets)
             docs = document_ids(inputs, self.schedule.config.attention_segment_cap)
+            if self.row_grads is not None:
+                self.row_grads.append(inputs)
             loss = self.compiled(inputs, targets, docs, self.loss_weights,
                                  *(() if sets is None else (sets,)))
             (loss * factor).backward()
@@ -407,6 +414,7 @@ class TrainingManager:
         rng = checkpoints.rng_state()
         sampler_state = self.sampler.state_dict() if self.sampler else None
         pending = {p: p.grad for p in self.model.parameters()}
+        pending_rows = self.pending_rows()
         self.optimizer.zero_grad()
         step = self.step
         self.step = 0
@@ -423,6 +431,7 @@ class TrainingManager:
         self.optimizer.load_state_dict(optimizer_state)
         for p, grad in pending.items():
             p.grad = grad
+        self.load_pending_rows(pending_rows)
         self.train_loader.load_state_dict(loader_state)
         checkpoints.set_rng_state(rng)
         if self.sampler:
@@ -450,7 +459,8 @@ class TrainingManager:
                    for name, p in self.model.named_parameters() if p.grad is not None}
         return {"step": self.step, "run_id": self.run_id, "train_time": self.train_time,
                 "history": self.history, "model": self.model.state_dict(),
-                "gradients": pending, "optimizer": self.optimizer.state_dict(),
+                "gradients": pending, "row_gradients": self.pending_rows(),
+                "optimizer": self.optimizer.state_dict(),
                 "loader": self.train_loader.state_dict(), "rng": checkpoints.rng_state(),
                 "tail_ema": self.tail_ships.state_dict() if self.tail_ships is not None else {},
                 "sampler": self.sampler_state() if self.sampler else {},
@@ -465,6 +475,22 @@ class TrainingManager:
         mine = torch.where(owner % self.world.world_size == self.world.rank, places, 0.0)
         places = self.world.all_reduce_mean(mine) * self.world.world_size
         return {"places": places.round().long().cpu()}
+
+    def pending_rows(self) -> dict:
+        """The n-gram table's row gradients waiting for its step, summed per row (the mean
+        over the ranks, as the dense gradients in a checkpoint), in host memory: {"rows",
+        "grads"}, or none."""
+        if self.row_grads is None or not self.row_grads.used:
+            return {}
+        ((rows, grads),) = self.optimizer.row_gradients().values()
+        return checkpoints.to_host({"rows": rows, "grads": grads})
+
+    def load_pending_rows(self, pending: dict) -> None:
+        if self.row_grads is not None:
+            self.row_grads.clear()
+            if pending:
+                self.row_grads.load(pending["rows"].to(self.row_grads.ids.device),
+                                    pending["grads"].to(self.row_grads.grads.device))
 
     def save_checkpoint(self, path):
         """Write the training state at ``path`` (checkpoints.write: safetensors and JSON,
@@ -505,6 +531,7 @@ class TrainingManager:
         self.optimizer.load_state_dict(state["optimizer"])
         for name, p in self.model.named_parameters():
             p.grad = state["gradients"].get(name)
+        self.load_pending_rows(state.get("row_gradients", {}))
         self.train_loader.load_state_dict(state["loader"])
         checkpoints.set_rng_state(state["rng"])
         self.step, self.train_time = state["step"], state["train_time"]

@@ -137,6 +137,8 @@ training_config = dict(
     # the embedding tables' gradients added in place (layers/embeddings.py); off until its
     # speed is measured on the GPU (README, Speed)
     table_grads_in_place=False,
+    # the n-gram table's gradient as (row, gradient) pairs (layers/ngram.py; needs ngram_table)
+    ngram_row_grads=False,
 )
 
 # The record's TRAINING_STAGES: each row takes its duration (share) of the scheduled

@@ -21,7 +21,7 @@ model_config = dict(record92.model_config,
 optimizer_config = dict(record92.optimizer_config,
                         anvil=dict(record92.optimizer_config["anvil"],
                                    engage_step=26))  # the record's 514 of 1194
-training_config = dict(cpu.training_config, run_name="cpu92")
+training_config = dict(cpu.training_config, run_name="cpu92", ngram_row_grads=True)
 # record92.py's schedule with its step counts, lengths and windows scaled to cpu.py's
 schedule = dict(
     record92.schedule,

@@ -24,23 +24,25 @@ def add_rows_(buffer: Tensor, ids: Tensor, grad: Tensor) -> None:
 
 class _RowsIntoBuffer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table, ids, buffer):
-        ctx.save_for_backward(ids, buffer)
+    def forward(ctx, table, ids, buffer, slots):
+        ctx.save_for_backward(ids if slots is None else slots, buffer)
         return F.embedding(ids, table)
 
     @staticmethod
     def backward(ctx, grad):
-        ids, buffer = ctx.saved_tensors
-        add_rows_(buffer, ids.reshape(-1), grad.reshape(-1, grad.size(-1)))
-        return None, None, None
+        slots, buffer = ctx.saved_tensors
+        add_rows_(buffer, slots.reshape(-1), grad.reshape(-1, grad.size(-1)))
+        return None, None, None, None
 
 
-def rows(table: Tensor, ids: Tensor, buffer: Tensor | None = None) -> Tensor:
-    """``table[ids]``; with a ``buffer`` of the table's shape the rows' gradient is added into
-    the buffer, and the table gets none from autograd."""
+def rows(table: Tensor, ids: Tensor, buffer: Tensor | None = None,
+         slots: Tensor | None = None) -> Tensor:
+    """``table[ids]``; with a ``buffer`` the rows' gradient is added into it, and the table
+    gets none from autograd: at the looked-up rows of a buffer of the table's shape, or at
+    ``slots`` (one a row looked up) of any buffer (the n-gram table's row gradients)."""
     if buffer is None:
         return F.embedding(ids, table)
-    return _RowsIntoBuffer.apply(table, ids, buffer)
+    return _RowsIntoBuffer.apply(table, ids, buffer, slots)
 
 
 @torch.no_grad()

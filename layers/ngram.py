@@ -9,6 +9,11 @@ the Python way; position 0 takes the bigram half's reserved last row and positio
 token with that row's number (the record's quirk, as in record #89), positions 0 and 1 take
 the trigram half's reserved last row. The table is trained by a row-wise Adam without momentum
 (``row_adam``: one second moment a row, optimizers.py), as the record trains it.
+
+Autograd gives the table a dense gradient, a table-sized tensor every micro-batch. In training
+(``training_config.ngram_row_grads``) the gradient is kept as rows instead (``RowGradients``):
+each micro-batch's looked-up rows' gradients and their row ids, summed per row at the table's
+Adam step, so that the table's memory is its weights alone.
 """
 
 import torch
@@ -58,9 +63,17 @@ class NgramEmbedding(nn.Module):
         # A fixed random +-1 vector per sign row, drawn from the run's seeded generator.
         self.register_buffer("signs", torch.randn(sign_rows, dim).sign())
         self.register_buffer("table_grad", None, persistent=False)  # see grads_in_place
+        # see row_gradients: its slots' buffer and the next micro-batch's first slot
+        self.register_buffer("row_grad_buffer", None, persistent=False)
+        self.register_buffer("row_grad_offset", None, persistent=False)
 
     def forward(self, inputs: Tensor, dtype: torch.dtype) -> Tensor:
-        looked_up = rows(self.table, ngram_rows(inputs, self.rows).flatten(), self.table_grad)
+        ids = ngram_rows(inputs, self.rows).flatten()
+        if self.row_grad_buffer is None:
+            looked_up = rows(self.table, ids, self.table_grad)
+        else:
+            slots = self.row_grad_offset + torch.arange(ids.numel(), device=ids.device)
+            looked_up = rows(self.table, ids, self.row_grad_buffer, slots)
         signs = self.signs[sign_rows(inputs, self.signs.size(0))]
         return (looked_up.view(2, -1, looked_up.size(-1)) * signs).sum(0)[None].to(dtype)
 
@@ -69,3 +82,48 @@ class NgramEmbedding(nn.Module):
         buffer) pair in a list."""
         self.table_grad = torch.zeros_like(self.table)
         return [(self.table, self.table_grad)]
+
+    def row_gradients(self, capacity: int) -> "RowGradients":
+        """From now on the table's gradient is kept as rows, up to ``capacity`` looked-up rows
+        between two of its Adam steps (``RowGradients``); the optimizer finds them on the
+        table (``table.row_grads``)."""
+        grads = self.table.row_grads = RowGradients(self.table, capacity, self.rows)
+        self.row_grad_buffer, self.row_grad_offset = grads.grads, grads.offset
+        return grads
+
+
+class RowGradients:
+    """The n-gram table's gradient as (row id, gradient row) pairs since its last Adam step.
+
+    Before a micro-batch's forward pass ``append`` stores its looked-up row ids (2 a token) in
+    the next free slots and points the lookup's backward at them (``offset``, a device scalar:
+    no recompile); the backward adds each row's gradient into its slot. The optimizer sums them
+    per row at the table's step (``Optimizer.row_gradients``) and ``clear`` starts over."""
+
+    def __init__(self, table: Tensor, capacity: int, num_rows: int):
+        self.num_rows = num_rows
+        self.grads = table.new_zeros(capacity, table.size(1))
+        self.ids = torch.zeros(capacity, dtype=torch.long, device=table.device)
+        self.offset = torch.zeros((), dtype=torch.long, device=table.device)
+        self.used = 0
+
+    def append(self, inputs: Tensor) -> None:
+        ids = ngram_rows(inputs, self.num_rows).flatten()
+        end = self.used + ids.numel()
+        if end > self.ids.numel():
+            raise RuntimeError(f"the n-gram table's row gradients hold {self.ids.numel():,} "
+                               f"rows between its steps; {end:,} were looked up")
+        self.ids[self.used:end] = ids
+        self.offset.fill_(self.used)
+        self.used = end
+
+    def load(self, ids: Tensor, grads: Tensor) -> None:
+        """Hold these (row id, gradient) pairs as the only ones (a checkpoint's)."""
+        self.clear()
+        self.used = ids.numel()
+        self.ids[:self.used] = ids
+        self.grads[:self.used] = grads
+
+    def clear(self) -> None:
+        self.grads[:self.used].zero_()
+        self.used = 0

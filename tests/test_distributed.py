@@ -68,10 +68,12 @@ def two_rank_config(folder, data_dir):
 
 def short_run_config(folder, data_dir):
     """A full run in 6 + 1 steps: stages at steps 2 and 4, untie at 3; validation at 5 and 7;
-    record #92's model with its n-gram table (row-wise Adam)."""
+    record #92's model with its n-gram table (row-wise Adam), its gradient kept as rows (each
+    rank's gathered at the table's steps; a checkpoint's the mean over the ranks)."""
     config = two_rank_config(folder, data_dir)
     config["schedule"].update(num_scheduled_iterations=6, num_extension_iterations=1)
     config["model_config"] = dict(tiny_record92_model_config(), prefix_prediction=False)
+    config["training_config"]["ngram_row_grads"] = True
     return config
 
 

@@ -41,7 +41,8 @@ def test_state_bytes_count_real_tensors(name):
 
 def test_the_ngram_tables_micro_batch_gradient_is_counted():
     """config/record92.py's n-gram table: its weights, .grad and a micro-batch's dense
-    gradient (three table sizes in bf16) and one float32 second moment a row."""
+    gradient (three table sizes in bf16) and one float32 second moment a row; or, with
+    ngram_row_grads, its weights, second moments and the held gradient rows."""
     config = base_config("record92")
     assert config.model.ngram_bf16
     rows, dim = config.model.bigram_rows, config.model.model_dim
@@ -51,6 +52,13 @@ def test_the_ngram_tables_micro_batch_gradient_is_counted():
     table = memory.state_bytes(config.model, config.optimizer) - memory.state_bytes(
         without.model, without.optimizer)
     assert table == 3 * rows * dim * 2 + rows * 4
+    # with its gradient kept as rows: the weights, and room for the rows of four steps of
+    # 393,216 tokens (two a token) and their int64 ids
+    held = config.schedule.rows_between_table_steps()
+    assert held == 2 * 393_216 * 4
+    table = memory.state_bytes(config.model, config.optimizer, held) - memory.state_bytes(
+        without.model, without.optimizer)
+    assert table == rows * dim * 2 + rows * 4 + held * (dim * 2 + 8)
 
 
 @pytest.mark.parametrize("gb,multiple", [(24, 16), (32, 16), (48, 32), (80, 32), (12, None)])

@@ -9,7 +9,7 @@ import torch
 from conftest import make_model, tokens
 
 import run
-from layers.ngram import NgramEmbedding, ngram_rows, sign_rows
+from layers.ngram import NgramEmbedding, RowGradients, ngram_rows, sign_rows
 from optimizers import OptimizerConfig, build_optimizer
 from utils import REPO_ROOT, ConfigError
 
@@ -47,15 +47,20 @@ def test_the_lookup_sums_both_channels_signed():
     assert table.table.grad[~touched].abs().sum() == 0 and table.table.grad[touched].any()
 
 
+@pytest.mark.parametrize("as_rows", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_adam_is_the_records(dtype):
+def test_row_adam_is_the_records(dtype, as_rows):
     """Eight updates of a 64-row table with rows left untouched at each (their gradient zero),
     the last four at the period-4 pace (betas squared, twice the decay): the same weights and
     per-row second moments as the record's n-gram Adam, in float32 and with bf16 weights and
-    gradients as the record's (there within a bf16 step: its mean square is a sum / D)."""
+    gradients as the record's (there within a bf16 step: its mean square is a sum / D). The
+    gradient dense, or as rows (``RowGradients``: the touched rows alone, as training keeps
+    them with ngram_row_grads)."""
     ref = REFERENCE["adam"]
     table = torch.nn.Parameter(ref["initial"].to(dtype, copy=True))
     table.label, table.row_adam = "bigram_embed", True
+    if as_rows:
+        table.row_grads = RowGradients(table, 64, 64)
     config = copy.deepcopy(run.load_config(REPO_ROOT / "config" / "record92.py")
                            ["optimizer_config"])
     config["adam"].update(lr=ref["lr"], eps=ref["eps"], weight_decay=ref["weight_decay"])
@@ -68,7 +73,13 @@ def test_row_adam_is_the_records(dtype):
         assert config["label_betas"]["bigram_embed"][1] ** pace == ref["beta2"][event]
         assert config["label_wd_mul"]["bigram_embed"] * pace == ref["wd_mul"][event]
         optimizer.set_lr_factor(ref["lr_factor"][event].item())
-        table.grad = ref["grads"][event].to(dtype, copy=True)
+        grad = ref["grads"][event].to(dtype, copy=True)
+        if as_rows:
+            touched = grad.any(-1).nonzero()[:, 0]
+            assert touched.numel() < 64
+            table.row_grads.load(touched, grad[touched])
+        else:
+            table.grad = grad
         optimizer.step(table_pace=pace)
     bf16 = dtype == torch.bfloat16
     assert table.dtype == dtype
@@ -114,3 +125,28 @@ def test_a_bf16_table_trains_in_bf16(tiny_model_config):
     assert loss_narrow.item() == pytest.approx(loss_wide.item(), rel=1e-3)
     loss_narrow.backward()
     assert narrow.bigram.table.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_row_gradients_sum_to_autograds(tiny_model_config, backend):
+    """Two micro-batches with the table's gradient kept as rows (``row_gradients``): summed
+    per row they are autograd's dense gradient of the table, and the other parameters' are
+    unchanged; compiled, the second micro-batch (another first slot) compiles nothing new."""
+    dense = make_model(dict(tiny_model_config, ngram_table=True))
+    rows = copy.deepcopy(dense)
+    held = rows.bigram.row_gradients(2 * 2 * 64)
+    forward = rows if backend is None else torch.compile(rows, backend=backend,
+                                                         fullgraph=True, dynamic=False)
+    for seed in (0, 1):
+        x, y = tokens(64, seed=seed), tokens(64, seed=seed + 5)
+        dense(x, y).backward()
+        held.append(x)
+        with torch._dynamo.config.patch(error_on_recompile=seed > 0):
+            forward(x, y).backward()
+    assert rows.bigram.table.grad is None and held.used == 2 * 2 * 64
+    summed = torch.zeros_like(rows.bigram.table).index_add_(0, held.ids[:held.used],
+                                                            held.grads[:held.used])
+    torch.testing.assert_close(summed, dense.bigram.table.grad)
+    for (name, p), q in zip(rows.named_parameters(), dense.parameters(), strict=True):
+        if p is not rows.bigram.table and q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)

@@ -363,6 +363,49 @@ def test_table_grads_in_place_train_as_autograd(config, tmp_path, adam_every):
     assert any(table is resumed.model.bigram.table for table, _ in resumed.table_grads)
 
 
+def test_ngram_row_grads_train_as_the_dense_gradient(config, tmp_path):
+    """The n-gram table's gradient kept as rows (training_config.ngram_row_grads) against its
+    dense gradient, the tables stepping every fourth step from step 4 (their rows held over
+    four steps): the first update of the table equal to float32's rounding, 14 losses to
+    1e-5 (later updates differ more: Adam makes a row's rounding a step of its own, and the
+    tiny model's few rows per step make that chaotic); with rows, a checkpoint after step 5
+    (the rows of steps 4 and 5 held) resumes exactly, after a warm-up that changes nothing."""
+    config["model_config"]["ngram_table"] = True
+    config["schedule"].update(adam_every=2, table_adam_every=4, table_adam_from=4)
+    dense = manager_for(config, tmp_path)
+    expected = losses_of(dense, 2)
+    config["training_config"]["ngram_row_grads"] = True
+    rows = manager_for(config, tmp_path)
+    got = losses_of(rows, 2)
+    assert rows.model.bigram.table.grad is None and rows.row_grads.used == 0
+    torch.testing.assert_close(rows.model.bigram.table, dense.model.bigram.table, rtol=0,
+                               atol=1e-6)
+    assert rows.model.bigram.table.abs().max() > 1e-3  # it moved
+    expected += losses_of(dense, 12)
+    got += losses_of(rows, 12)
+    assert got == pytest.approx(expected, rel=1e-5)
+    first = manager_for(config, tmp_path)
+    first.warmup()
+    assert losses_of(first, 6) == got[:6]
+    # two steps of two micro-batches, two rows a token
+    assert first.row_grads.used == 2 * 2 * first.tc.micro_batch_tokens * 2
+    path = first.save_checkpoint(tmp_path / "ckpt" / "mid.pt")
+    resumed = manager_for(config, tmp_path)
+    resumed.load_checkpoint(path)
+    assert losses_of(resumed, 8) == got[6:]
+    assert torch.equal(resumed.model.bigram.table, rows.model.bigram.table)
+
+
+def test_ngram_row_grads_refusals(config):
+    config["training_config"]["ngram_row_grads"] = True
+    with pytest.raises(utils.ConfigError, match="needs model_config.ngram_table"):
+        run.build_config(config)
+    config["model_config"]["ngram_table"] = True
+    config["training_config"]["table_grads_in_place"] = True
+    with pytest.raises(utils.ConfigError, match="without a dense gradient"):
+        run.build_config(config)
+
+
 def sampled(config, pairs=((0, 512), (4, 1024), (10, 0)), rows=64):
     config["schedule"].update(sampled_softmax=pairs, sampled_softmax_rows=rows)
     return config
