@@ -174,6 +174,19 @@ def test_losses_after_each_yarn_growth_and_at_the_final_validation(model):
             out["val_final_mean"].item(), rel=1e-5)
 
 
+def large_grads(model) -> dict:
+    """The model's gradients of the reference's large parameters, in the record's layout (its
+    banks; zero where no layer reads), by the record's labels, on the CPU."""
+    ours = {label: torch.zeros(r["shape"]) for label, r in REF["recipe"].items()}
+    ours["embed"] = torch.zeros_like(ours["lm_head"].T)
+    scratch = {label: value.clone() for label, value in REF["small_params"].items()}
+    placed = from_record(model, {**scratch, **ours})  # the small ones' views land in copies
+    with torch.no_grad():
+        for param, view in placed.items():
+            view.copy_(param.grad if param.grad is not None else torch.zeros_like(param))
+    return ours
+
+
 def test_every_gradient(model):
     """The small parameters' gradients whole; the large ones (by the reference's label, in
     the record's layout) by their norm, their entries at the stored indices and how many are
@@ -182,12 +195,7 @@ def test_every_gradient(model):
     s = at(model, "train")
     model.zero_grad()
     (model(x, y, docs, weights(s)) * x.numel()).backward()
-    ours = {label: torch.zeros(r["shape"]) for label, r in REF["recipe"].items()}
-    ours["embed"] = torch.zeros_like(ours["lm_head"].T)
-    placed = from_record(model, {**REF["small_params"], **ours})
-    with torch.no_grad():
-        for param, view in placed.items():
-            view.copy_(param.grad if param.grad is not None else torch.zeros_like(param))
+    ours = large_grads(model)
     for label, got in ours.items():
         want, flat = REF["grads"][label], got.flatten()
         assert flat.norm().item() == pytest.approx(want["norm"].item(), rel=2e-5), label
