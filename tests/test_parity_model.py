@@ -72,12 +72,7 @@ def from_record(gpt, R, vocab):
                 m[block.attn.value_gate] = R["ve_gate_bank"][value_gate_row[i]]
         m[block.mlp.fc] = R["mlp_bank"][i, 0]
         m[block.mlp.proj] = R["mlp_bank"][i, 1].T
-        if hasattr(block, "residual"):
-            m[block.residual] = R["resid_lambdas"][i]
-            m[block.post] = R["post_lambdas"][i]
-    m[gpt.smear.strength] = R["scalars"][22:23]
-    m[gpt.smear.gate] = R["smear_gate"][0]
-    m[gpt.skip_lambda] = R["scalars"][23]
+    m.update(residual_scalars(gpt, R))
     for j, net in enumerate((gpt.last_mix, gpt.final_mix)):
         n = net.bias.numel()
         m[net.w1], m[net.w2], m[net.bias] = (R["mudd_w1"][j], R["mudd_w2"][j, :n],
@@ -88,6 +83,20 @@ def from_record(gpt, R, vocab):
         m[net.w1], m[net.w2], m[net.bias] = (R["mudd_gate_w1"][j], R["mudd_gate_w2"][j, :n],
                                              R["mudd_gate_b2"][j, :n])
     m[gpt.bigram.table] = R["bigram_embed"]
+    return m
+
+
+def residual_scalars(gpt, R):
+    """The residual scales, the smear gate and the skip's strength, as records #89 and #92
+    both keep them."""
+    m = {}
+    for i, block in enumerate(gpt.blocks):
+        if hasattr(block, "residual"):
+            m[block.residual] = R["resid_lambdas"][i]
+            m[block.post] = R["post_lambdas"][i]
+    m[gpt.smear.strength] = R["scalars"][22:23]
+    m[gpt.smear.gate] = R["smear_gate"][0]
+    m[gpt.skip_lambda] = R["scalars"][23]
     return m
 
 

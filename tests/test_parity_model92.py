@@ -16,6 +16,7 @@ norm of the sampled ones).
 
 import pytest
 import torch
+from test_parity_model import residual_scalars
 
 import run
 from layers.mudd import GateLayout
@@ -77,12 +78,7 @@ def from_record(gpt, R):
         for mlp, slot in ((block.mlp, i), (block.mlp2, 11)):
             if mlp is not None:
                 m[mlp.fc], m[mlp.proj] = R["mlp_bank"][slot, 0], R["mlp_bank"][slot, 1].T
-        if hasattr(block, "residual"):
-            m[block.residual] = R["resid_lambdas"][i]
-            m[block.post] = R["post_lambdas"][i]
-    m[gpt.smear.strength] = R["scalars"][22:23]
-    m[gpt.smear.gate] = R["smear_gate"][0]
-    m[gpt.skip_lambda] = R["scalars"][23]
+    m.update(residual_scalars(gpt, R))
     m[gpt.last_mix.w1], m[gpt.last_mix.w2], m[gpt.last_mix.bias] = (
         R["mudd_w1"][0], R["mudd_w2"][0], R["mudd_b2"][0])
     final, rows = gpt.final_mix, FINAL_MIX_ROWS
