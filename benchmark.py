@@ -123,6 +123,8 @@ def run_benchmark(manager, profile=False):
     log = manager.logger.print
     cuda = manager.device.kind == "cuda"
     compile_s = manager.warmup() if manager.config.compile.enabled else 0.0
+    if compile_s:
+        log(f"compile and warm-up: {compile_s:.1f}s ({manager.warmup_summary()})")
     timer = StepTimer(cuda)
     every = manager.schedule.config.adam_every
     steps = -(-manager.tc.benchmark_steps // every) * every  # whole Adam periods
@@ -155,7 +157,9 @@ def run_benchmark(manager, profile=False):
         projected += untimed * rows[-1]["ms_per_step"] / 1000
     result = {"device": manager.device.name, "world_size": manager.world.world_size,
               "torch": torch.__version__,
-              "compile_and_warmup_s": compile_s, "timed_steps_per_stage": steps,
+              "compile_and_warmup_s": compile_s,
+              "warmup_phases_s": dict(manager.warmup_phases),
+              "timed_steps_per_stage": steps,
               "micro_batch_tokens": schedule.micro_batch_tokens, "stages": rows,
               "projected_train_time_s": projected, "total_steps": schedule.total}
     for line in format_table(result):

@@ -415,7 +415,9 @@ def train_and_report(config, device, world, resume, benchmark, profile, config_p
             del state  # the manager holds its own copies; free the checkpoint's GPU tensors
             logger.print(f"resumed from {resume} at step {manager.step}")
         if config.compile.enabled:
-            logger.print(f"compile and warm-up: {manager.warmup():.1f}s (not counted)")
+            seconds = manager.warmup()
+            logger.print(f"compile and warm-up: {seconds:.1f}s (not counted; "
+                         f"{manager.warmup_summary()})")
         result = manager.run()
         reached = result["val_loss"] <= tc.target_val_loss
         logger.print(f"final val_loss {result['val_loss']:.4f} | train_time "

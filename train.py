@@ -260,6 +260,7 @@ class TrainingManager:
         self.world.broadcast_tensors([p.detach() for p in self.model.parameters()])
         self.optimizer = build_optimizer(self.model, config.optimizer, self.world)
         self.table_grads = self.model.grads_in_place() if self.tc.table_grads_in_place else []
+        self.warmup_phases = []  # (name, seconds) of the last warm-up
         self.row_grads = (self.model.bigram.row_gradients(
             self.schedule.rows_between_table_steps()) if self.tc.ngram_row_grads else None)
         self.compiled = (self.model.compiled_forward() if config.compile.enabled
@@ -400,11 +401,12 @@ class TrainingManager:
     # -- compile warm-up ------------------------------------------------------------------------
 
     def warmup(self):
-        """Compile the graphs the run uses (the model's one training graph, which validation
-        shares, and the optimizer's updates) with the first steps on real batches, up to one
-        with an Adam update, then restore weights, optimizer, data position, gradients and RNG:
-        the timed run starts from exactly the state it would have had without warm-up.
-        Returns seconds spent."""
+        """Compile the graphs the run uses (the model's trunk and its loss graphs, which
+        validation shares, and the optimizer's updates) with the first steps on real batches,
+        up to one with an Adam update, then restore weights, optimizer, data position,
+        gradients and RNG: the timed run starts from exactly the state it would have had
+        without warm-up. Returns seconds spent; ``warmup_phases`` says where they went
+        (``warmup_summary``)."""
         start = time.perf_counter()
         # the snapshot waits in host memory: on the GPU it would add the weights and the
         # optimizer's state (7.3 GB for config/base.py) to the peak of the warm-up's steps
@@ -418,8 +420,19 @@ class TrainingManager:
         self.optimizer.zero_grad()
         step = self.step
         self.step = 0
-        for _ in range(self.schedule.config.adam_every):  # a step with Adam's update too
+        self.warmup_phases.clear()
+        mark = time.perf_counter()
+
+        def phase(name):
+            nonlocal mark
+            synchronize(self.device)
+            now = time.perf_counter()
+            self.warmup_phases.append((name, now - mark))
+            mark = now
+
+        for i in range(self.schedule.config.adam_every):  # a step with Adam's update too
             self.train_step()
+            phase("first step" if i == 0 else "Adam's step")
         # each other set size of the sampled softmax: the full softmax's graph (0), and a run
         # of the sampled graph at every size, which serves them all (mark_set_size_dynamic)
         sizes = {size for _, size in self.schedule.config.sampled_softmax} | {0}
@@ -427,6 +440,7 @@ class TrainingManager:
             plan = replace(self.schedule.at(0), accumulation=1, candidates=size)
             self.accumulate(plan)
             self.optimizer.zero_grad()
+            phase(f"loss over {size} candidates" if size else "full softmax")
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
         for p, grad in pending.items():
@@ -439,6 +453,11 @@ class TrainingManager:
         self.step = step
         synchronize(self.device)
         return time.perf_counter() - start
+
+    def warmup_summary(self) -> str:
+        """The warm-up's phases and their seconds: the first step compiles the model's trunk,
+        its first loss graph and the matrix updates; the others a graph each."""
+        return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.warmup_phases)
 
     # -- checkpoints and the trained model ------------------------------------------------------
 

@@ -444,6 +444,10 @@ def test_sampled_softmax_trains_resumes_and_warms_up_exactly(config, tmp_path, a
     assert losses_of(resumed, 9) == expected[5:]
     warmed = manager_for(config, tmp_path)
     warmed.warmup()
+    assert [name for name, _ in warmed.warmup_phases] == (
+        ["first step"] + ["Adam's step"] * (adam_every - 1)
+        + ["full softmax", "loss over 1024 candidates"])
+    assert "first step" in warmed.warmup_summary()
     assert losses_of(warmed, 14) == expected
 
 
