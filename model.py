@@ -393,7 +393,7 @@ class GPT(SpeedrunLM):
                                                                                 layer)
                 x = block.mlp_update(x + skip * saved[c.skip_source])
             else:
-                x = block.residual[0].type_as(x) * x
+                a = None
                 if block.attn is not None:
                     source = saved[c.shared_input_layer] if layer > c.shared_input_layer else x
                     a_in = norm(source)
@@ -404,6 +404,8 @@ class GPT(SpeedrunLM):
                     a = block.attn(a_in, aux_v, mask, *geometry[block.window],
                                    xsa=layout.get(gates, "xsa", layer),
                                    gate=layout.get(gates, "attn_gate", layer))
+                x = block.residual[0].type_as(x) * x
+                if a is not None:
                     x = x + block.post[0].type_as(x) * a
                 if layer in c.x0_layers:
                     x = x + layout.get(gates, "x0", layer) * x0

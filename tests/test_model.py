@@ -387,3 +387,17 @@ def test_bf16_compute_keeps_activations_bf16_and_tracks_float32(tiny_model_confi
         assert p.dtype == g16.dtype == torch.float32, name
         error = (g16 - g32).norm() / g32.norm().clamp_min(1e-12)
         assert error < 0.15, (name, error.item())
+
+
+def test_attention_reads_the_stream_before_its_residual_scale(tiny_record92_config):
+    """A layer's attention input is its input stream, normed, whatever the layer's residual
+    scale r_a does to the stream afterwards (a negative r_a included)."""
+    gpt = make_model(tiny_record92_config)
+    seen = []
+    gpt.blocks[1].attn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = tokens(64)
+    with torch.no_grad():
+        for scale in (1.0, -1.0):
+            gpt.blocks[1].residual[0] = scale
+            gpt.hidden_states(x, M.document_ids(x))
+    torch.testing.assert_close(seen[0], seen[1], rtol=0, atol=0)
