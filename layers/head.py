@@ -72,9 +72,9 @@ class SpeedrunLM(nn.Module):
         """``forward`` with targets, compiled as two graphs: the hidden states (the trunk), and
         the loss over them, a graph for the full softmax and one for the sampled softmax at
         any set size. The trunk, the same for both losses, then compiles once: as one graph
-        with its loss it compiled once per loss (record #92's config: 243 s of compile and
-        warm-up on the H100 for two). The boundary costs nothing the loss op did not already
-        pay: its input, the hidden states, is written out either way."""
+        with its loss it compiled once per loss (README, Speed). The boundary costs nothing
+        the loss op did not already pay: its input, the hidden states, is written out either
+        way."""
         trunk = torch.compile(self.hidden_states, dynamic=False, fullgraph=True)
         head = torch.compile(self.loss, dynamic=False, fullgraph=True)
 

@@ -77,7 +77,7 @@ class CandidateSampler:
 def mark_set_size_dynamic(candidates: Tensor) -> Tensor:
     """``candidates`` (G, P) with P marked dynamic for torch.compile: one graph then serves every
     set size of the schedule (record #92: 10,240, 14,336 and 24,576), where a static P compiled
-    the whole model again for each (over 360 s of warm-up on the H100 for the three)."""
+    the whole model again for each (README, Sampled softmax)."""
     torch._dynamo.mark_dynamic(candidates, 1)
     return candidates
 
