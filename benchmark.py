@@ -126,8 +126,9 @@ def run_benchmark(manager, profile=False):
     if compile_s:
         log(f"compile and warm-up: {compile_s:.1f}s ({manager.warmup_summary()})")
     timer = StepTimer(cuda)
-    every = manager.schedule.config.adam_every
-    steps = -(-manager.tc.benchmark_steps // every) * every  # whole Adam periods
+    # whole periods of the Adam steps and of the tables' (one table step in each period)
+    every = max(manager.schedule.config.adam_every, manager.schedule.config.table_adam_every)
+    steps = -(-manager.tc.benchmark_steps // every) * every
     schedule = manager.schedule
     rows = []
     for first, end in schedule.spans():
@@ -135,6 +136,9 @@ def run_benchmark(manager, profile=False):
             continue
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        # the benchmark jumps between stages, which a run never does: gradients held from the
+        # stage before (the n-gram table's rows) would add to this one's past their buffer
+        manager.optimizer.zero_grad()
         plan = stage_plan(manager, first)
         step_ms, optimizer_ms = time_stage(manager, plan, steps, timer)
         short, long = plan.windows

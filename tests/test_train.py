@@ -832,6 +832,25 @@ def test_benchmark_mode_reports_every_stage(config, tmp_path):
     assert any(e.get("cat") == "cpu_op" for e in events)
 
 
+def test_benchmark_times_the_ngram_rows_stage_by_stage(config, tmp_path):
+    """With the n-gram table's gradient as rows, stages that start where the tables' period
+    leaves rows held: each stage is timed from no held gradient (the rows of two stages would
+    overflow the buffer, sized for one run of the tables' period), over whole periods."""
+    import benchmark
+
+    config["model_config"]["ngram_table"] = True
+    config["training_config"].update(ngram_row_grads=True, benchmark_steps=2)
+    config["schedule"].update(adam_every=2, table_adam_every=4, table_adam_from=0)
+    stages = config["schedule"]["stages"]
+    config["schedule"]["stages"] = (dict(stages[0], duration=5 / 12),
+                                    dict(stages[1], duration=3 / 12), stages[2], stages[3])
+    manager = manager_for(config, tmp_path)
+    assert benchmark.run_benchmark(manager) == 0
+    result = json.loads(next(tmp_path.glob("*_benchmark.json")).read_text())
+    assert [r["steps"] for r in result["stages"]] == ["0-4", "5-7", "8-11", "12-13"]
+    assert result["timed_steps_per_stage"] == 4
+
+
 def test_git_commit_marks_a_modified_checkout(tmp_path, monkeypatch):
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
