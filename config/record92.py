@@ -2,11 +2,13 @@
 (mixed-width attention, attention-free and removed layers, the parallel MLP, the grouped final
 mix), its schedule (1122 + 52 grown scheduled steps and 20 extension steps, 329M tokens,
 documents of up to 3072 tokens attending in segments of 2560 from the third stage on, the
-embedding tables' Adam every fourth step from step 336), the ANVIL optimizer, the sampled
-softmax, the four weight ships, the hashed n-gram table and float8 attention projections.
+embedding tables' Adam every fourth step from step 336) with its third stage grown by 36 steps
+more for the smaller n-gram table (1210 + 20 steps, 343M tokens), the ANVIL optimizer, the
+sampled softmax, the four weight ships, the hashed n-gram table and float8 attention
+projections.
 
-Not here (README, Recipe): the n-gram table's full size (this one is a twentieth of it) and
-the record's CUDA graphs and fused kernels.
+Not here (README, Recipe): the n-gram table's full size (this one is a quarter of it) and the
+record's CUDA graphs and fused kernels.
 """
 
 import math
@@ -19,8 +21,8 @@ from config import base
 # second MLP beside the first; MLPs of 2816; the final mix of ten states per group of 64
 # channels. Its n-gram table enters before layer 0, in 1, 4, 5, 9 and the last layer's mix.
 # The table: bigram and trigram channels, row-wise Adam, bf16 weights. The record's has
-# 84,602,880 rows (121 GiB over 8 GPUs); with this trainer's dense gradients 4,194,304 rows
-# fit one 80 GB GPU.
+# 84,602,880 rows (121 GiB over 8 GPUs); a quarter of them fit one 80 GB GPU with the gradient
+# kept as rows (training_config.ngram_row_grads; README, Speed).
 model_config = dict(
     base.model_config,
     window_pattern="SSSL-S--S-L",
@@ -40,7 +42,7 @@ model_config = dict(
     dc_layers=(),
     ffn_dim=2816,
     mlp_proj_lr_mul=2 * math.sqrt(2816 / 768),  # the record's c_proj: shape factor times 2
-    ngram_table=True, ngram_bf16=True, bigram_rows=4_194_304, bigram_sign_rows=8192,
+    ngram_table=True, ngram_bf16=True, bigram_rows=21_150_720, bigram_sign_rows=8192,
     fp8_attn=True)  # its QKV in float8 too
 optimizer_config = dict(
     base.optimizer_config,
@@ -48,41 +50,55 @@ optimizer_config = dict(
     label_lr_mul=dict(base.optimizer_config["label_lr_mul"], value_embed=70.0,
                       bigram_embed=70.0),
 )
-# ngram_row_grads (the table's gradient kept as rows) stays off until measured on the GPU
-training_config = dict(base.training_config, run_name="record92")
+training_config = dict(base.training_config, run_name="record92", ngram_row_grads=True)
 
-# The record's TRAINING_STAGES after its growth: 320 / 361 / 426 (374 + 52) / 67 of the 1174
-# scheduled steps, the last of them the batch taper (20 of 24 units, lr x sqrt(20/24)); then
-# 20 extension steps at 131,072 tokens.
-schedule = dict(
-    base.schedule,
-    num_scheduled_iterations=1174,
-    num_extension_iterations=20,
-    stages=(
-        dict(duration=320 / 1174, tokens=131_072, windows=(1, 3), lr_mul=1.0, max_seq_len=896,
-             mtp_weights=(1.0, 0.5, 0.25), mtp_weights_end=(1.0, 0.5, 0.0), prefix_weight=0.25),
-        dict(duration=361 / 1174, tokens=262_144, windows=(3, 7), lr_mul=1.52,
-             mtp_weights=(1.0, 0.5), mtp_weights_end=(1.0, 0.0), prefix_weight=0.20,
-             prefix_weight_end=0.0, prefix_weight_levels=4),
-        dict(duration=426 / 1174, tokens=393_216, windows=(5, 11), lr_mul=1.73,
-             max_seq_len=3072),
-        dict(duration=67 / 1174, tokens=327_680, windows=(5, 11),
-             lr_mul=1.73 * math.sqrt(20 / 24), max_seq_len=3072),
-        dict(tokens=131_072, windows=(6, 13), lr_mul=1.0, max_seq_len=3072),
-    ),
-    attention_segment_cap=2560,  # documents of up to 3072 tokens attend in pieces of 2560
-    cooldown_frac=940 / 1174,  # from step 234 (the record's int(1174 x 0.2)) to step 1174
-    final_lr_ratio=0.30,
-    momentum_peak=0.93,
-    momentum_warmup_steps=240,
-    untie_step=1176,  # its last tied update is step 1175 (the extension's first odd step)
-    table_adam_every=4,  # the value embeddings and the bigram table: Adam on steps 3 mod 4
-    table_adam_from=336,
-    tail_ema_window=298,
-    tail_average_window=250,
-    bank_blend_window=298,
-    sampled_softmax=((0, 10240), (681, 14336), (965, 24576), (1107, 0)),
-)
+
+def grown_schedule(growth: int) -> dict:
+    """The record's schedule with its third stage grown by ``growth`` steps beyond its own 52
+    (its SCHEDULE_GROWTH_STEPS): the stages after it, the cooldown's end, the sampled softmax's
+    later switches and the untie move with it, as in the record's code."""
+    third = 426 + growth  # 374 + the record's 52 + growth
+    total = 320 + 361 + third + 67
+    return dict(
+        base.schedule,
+        num_scheduled_iterations=total,
+        num_extension_iterations=20,
+        stages=(
+            dict(duration=320 / total, tokens=131_072, windows=(1, 3), lr_mul=1.0,
+                 max_seq_len=896, mtp_weights=(1.0, 0.5, 0.25), mtp_weights_end=(1.0, 0.5, 0.0),
+                 prefix_weight=0.25),
+            dict(duration=361 / total, tokens=262_144, windows=(3, 7), lr_mul=1.52,
+                 mtp_weights=(1.0, 0.5), mtp_weights_end=(1.0, 0.0), prefix_weight=0.20,
+                 prefix_weight_end=0.0, prefix_weight_levels=4),
+            dict(duration=third / total, tokens=393_216, windows=(5, 11), lr_mul=1.73,
+                 max_seq_len=3072),
+            dict(duration=67 / total, tokens=327_680, windows=(5, 11),
+                 lr_mul=1.73 * math.sqrt(20 / 24), max_seq_len=3072),
+            dict(tokens=131_072, windows=(6, 13), lr_mul=1.0, max_seq_len=3072),
+        ),
+        attention_segment_cap=2560,  # documents of up to 3072 tokens attend in pieces of 2560
+        # the cooldown from the record's int(total x (1 - 0.8)) (step 234 of 1174) to the end
+        cooldown_frac=(total - int(total * (1 - 0.8))) / total,
+        final_lr_ratio=0.30,
+        momentum_peak=0.93,
+        momentum_warmup_steps=240,
+        untie_step=total + 2,  # the last tied update is the extension's first odd step
+        table_adam_every=4,  # the value embeddings and the bigram table: Adam on steps 3 mod 4
+        table_adam_from=336,
+        tail_ema_window=298,
+        tail_average_window=250,
+        bank_blend_window=298,
+        # 24,576 candidates from two thirds into the third stage, the full softmax from the taper
+        sampled_softmax=((0, 10240), (681, 14336), (681 + -(-2 * third // 3), 24576),
+                         (681 + third, 0)),
+    )
+
+
+# The record's stages after its growth: 320 / 361 / 426 (374 + 52) / 67 of the 1174 scheduled
+# steps, the last of them the batch taper (20 of 24 units, lr x sqrt(20/24)); then 20 extension
+# steps at 131,072 tokens. Grown here by 36 steps more for the quarter-size n-gram table (the
+# record's exchange rates: README, Steps and the table's size).
+schedule = grown_schedule(36)
 data_config = base.data_config
 logging_config = base.logging_config
 compile_config = base.compile_config

@@ -48,6 +48,7 @@ def test_the_ngram_tables_micro_batch_gradient_is_counted():
     rows, dim = config.model.bigram_rows, config.model.model_dim
     raw = run.load_config(utils.REPO_ROOT / "config" / "record92.py")
     raw["model_config"].update(ngram_table=False, ngram_bf16=False, bigram_rows=0)
+    raw["training_config"]["ngram_row_grads"] = False
     without = run.build_config(raw)
     table = memory.state_bytes(config.model, config.optimizer) - memory.state_bytes(
         without.model, without.optimizer)

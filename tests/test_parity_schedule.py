@@ -66,25 +66,34 @@ def test_windows_grow_with_yarn_at_the_records_steps(reference, schedule):
     assert yarn.attn_scale.item() == pytest.approx(final["attn_scale"], rel=1e-6)
 
 
-RECORD92 = REPO_ROOT / "tests" / "reference" / "record92" / "schedule.json"
+RECORD92 = REPO_ROOT / "tests" / "reference" / "record92"
 
 
-def test_record92_schedule_matches_the_record_at_every_step():
-    """config/record92.py's stage table against record #92's own schedule code at all 1194
-    steps: the grown third stage, the batch taper, the cooldown from step 234 to an absolute
+@pytest.mark.parametrize("growth,reference,total", [(0, "schedule.json", 1194),
+                                                    (None, "schedule_growth88.json", 1230)])
+def test_record92_schedule_matches_the_record_at_every_step(growth, reference, total):
+    """config/record92.py's stage table against record #92's own schedule code at every step:
+    the grown third stage, the batch taper, the cooldown from step 234 to an absolute
     0.30, the momentum (ANVIL's) to 0.93, the stepped prefix weight, the untie inside the
     extension, the sampled softmax's candidates, the document cap of 3072 with attention
     segments of 2560 from the third stage on, and the embedding tables' Adam every fourth step
-    from step 336, with squared betas and twice the decay."""
-    data = json.loads(RECORD92.read_text())
+    from step 336, with squared betas and twice the decay. Twice: the record's own 1194 steps
+    (``grown_schedule(0)``), and the config's 36 steps more against the record's code with its
+    growth set to 88."""
+    from config import record92
+
+    data = json.loads((RECORD92 / reference).read_text())
     steps = [dict(zip(data["columns"], row, strict=True)) for row in data["steps"]]
-    config = run.build_config(run.load_config(REPO_ROOT / "config" / "record92.py"))
+    raw = run.load_config(REPO_ROOT / "config" / "record92.py")
+    if growth is not None:
+        raw["schedule"] = record92.grown_schedule(growth)
+    config = run.build_config(raw)
     schedule, optimizer = config.schedule, config.optimizer
     betas = optimizer.label_betas["value_embed"]
     assert optimizer.label_betas["bigram_embed"] == betas
     wd_mul = optimizer.label_wd_mul["value_embed"]
     assert optimizer.label_wd_mul["bigram_embed"] == wd_mul
-    assert schedule.total == len(steps) == 1194
+    assert schedule.total == len(steps) == total
     assert schedule.starts + [schedule.total] == data["constants"]["stage_ends"]
     for want in steps:
         plan = schedule.at(want["step"])
