@@ -60,22 +60,28 @@ def time_stage(manager, plan, steps, timer):
 
 def stage_plan(manager, first):
     """Apply the stage's first step (its windows, YaRN, untie and freeze, as the run would)
-    and return the plan of its second step: its shape and windows, no transition."""
+    and return the plan of its second step: its shape and windows, no transition. The
+    gradients held from the stage timed before go: the benchmark jumps between stages, which a
+    run never does, and the n-gram table's rows of two stages would overflow their buffer."""
+    manager.optimizer.zero_grad()
     manager.apply(manager.schedule.at(first))
     plan = manager.schedule.at(first + 1)
     manager.apply(plan)
     return plan
 
 
-def profile_last_stage(manager, steps=3, rows=25):
-    """torch.profiler over a few steps of the run's last stage: the kernels by device time, and
-    a Chrome trace (for Perfetto or chrome://tracing) beside the run's log, where the gaps
-    between kernels show whether the device waits on the host."""
+def profile_largest_stage(manager, steps=3, rows=25):
+    """torch.profiler over a few steps of the stage that trains the most tokens (where a run
+    spends most of its time): the kernels by device time, and a Chrome trace (for Perfetto or
+    chrome://tracing) beside the run's log, where the gaps between kernels show whether the
+    device waits on the host."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = manager.device.kind == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    first, _ = manager.schedule.spans()[-1]
+    schedule = manager.schedule
+    first, _ = max(schedule.spans(), key=lambda span: (span[1] - span[0])
+                   * schedule.at(span[0]).tokens)
     plan = stage_plan(manager, first)
     with profile(activities=activities) as prof:
         for i in range(steps):
@@ -136,9 +142,6 @@ def run_benchmark(manager, profile=False):
             continue
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        # the benchmark jumps between stages, which a run never does: gradients held from the
-        # stage before (the n-gram table's rows) would add to this one's past their buffer
-        manager.optimizer.zero_grad()
         plan = stage_plan(manager, first)
         step_ms, optimizer_ms = time_stage(manager, plan, steps, timer)
         short, long = plan.windows
@@ -173,7 +176,7 @@ def run_benchmark(manager, profile=False):
         path.write_text(json.dumps(result, indent=1))
         log(f"benchmark written: {path}")
     if profile:
-        table, path = profile_last_stage(manager)
+        table, path = profile_largest_stage(manager)
         log(table)
         log(f"trace written: {path}")
     return 0

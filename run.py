@@ -472,7 +472,8 @@ def build_parser():
     parser.add_argument("--benchmark", action="store_true",
                         help="time each schedule stage and print a throughput table")
     parser.add_argument("--profile", action="store_true",
-                        help="with --benchmark: also profile the last stage's kernels")
+                        help="with --benchmark: also profile the kernels of the stage that "
+                             "trains the most tokens")
     keys = parser.add_argument_group(
         "config keys most often set (any other as --key value or --section.key value)")
     for key, text in COMMON_KEYS.items():

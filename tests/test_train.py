@@ -832,11 +832,17 @@ def test_benchmark_mode_reports_every_stage(config, tmp_path):
     assert any(e.get("cat") == "cpu_op" for e in events)
 
 
-def test_benchmark_times_the_ngram_rows_stage_by_stage(config, tmp_path):
+def test_benchmark_times_the_ngram_rows_stage_by_stage(config, tmp_path, monkeypatch):
     """With the n-gram table's gradient as rows, stages that start where the tables' period
     leaves rows held: each stage is timed from no held gradient (the rows of two stages would
-    overflow the buffer, sized for one run of the tables' period), over whole periods."""
+    overflow the buffer, sized for one run of the tables' period), over whole periods; the
+    profile runs the stage that trains the most tokens (steps 8-11: 4 x 256)."""
     import benchmark
+
+    planned = []
+    stage_plan = benchmark.stage_plan
+    monkeypatch.setattr(benchmark, "stage_plan",
+                        lambda manager, first: planned.append(first) or stage_plan(manager, first))
 
     config["model_config"]["ngram_table"] = True
     config["training_config"].update(ngram_row_grads=True, benchmark_steps=2)
@@ -845,10 +851,11 @@ def test_benchmark_times_the_ngram_rows_stage_by_stage(config, tmp_path):
     config["schedule"]["stages"] = (dict(stages[0], duration=5 / 12),
                                     dict(stages[1], duration=3 / 12), stages[2], stages[3])
     manager = manager_for(config, tmp_path)
-    assert benchmark.run_benchmark(manager) == 0
+    assert benchmark.run_benchmark(manager, profile=True) == 0
     result = json.loads(next(tmp_path.glob("*_benchmark.json")).read_text())
     assert [r["steps"] for r in result["stages"]] == ["0-4", "5-7", "8-11", "12-13"]
     assert result["timed_steps_per_stage"] == 4
+    assert planned == [0, 5, 8, 12, 8]
 
 
 def test_git_commit_marks_a_modified_checkout(tmp_path, monkeypatch):
