@@ -605,7 +605,10 @@ class Optimizers:
                 work_g.wait()
             rows, inverse = torch.unique(ids, return_inverse=True)
             summed = torch.zeros(rows.numel(), g.size(1), dtype=torch.float32, device=g.device)
-            out[e] = rows, summed.index_add_(0, inverse, g.float()) / self.world.world_size
+            summed.index_add_(0, inverse, g.float())
+            if self.world.distributed:  # in place: the rows are gigabytes
+                summed /= self.world.world_size
+            out[e] = rows, summed
         return out
 
     def zero_grad(self, adam: bool = True, tables: bool = True) -> None:
