@@ -109,12 +109,14 @@ def choose_multiple(config, device, memory: float, world_size: int = 1) -> tuple
         if estimate <= HEADROOM * memory:
             return multiple, estimate
     smallest = candidates[-1]
+    table = (f" (its n-gram table, {config.model.bigram_rows:,} rows, takes most: a smaller "
+             f"model_config.bigram_rows)" if getattr(config.model, "ngram_table", False) else "")
     raise ConfigError(
         f"no micro-batch fits {memory / GB:.1f} GB of {device.name}: the smallest, "
         f"BATCH_SIZE_MULTIPLE={smallest} ({smallest * config.training.max_seq_len:,} tokens), "
         f"needs about {peak_bytes(config, device, smallest) / GB:.1f} GB (with "
-        f"{1 - HEADROOM:.0%} left to the allocator): use a smaller model or a larger GPU, "
-        f"or lower val_chunk_tokens to let smaller micro-batches validate")
+        f"{1 - HEADROOM:.0%} left to the allocator): use a smaller model{table} or a larger "
+        f"GPU, or lower val_chunk_tokens to let smaller micro-batches validate")
 
 
 def memory_limit(device, index: int, environ) -> float:

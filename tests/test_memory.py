@@ -62,6 +62,15 @@ def test_the_ngram_tables_micro_batch_gradient_is_counted():
     assert table == rows * dim * 2 + rows * 4 + held * (dim * 2 + 8)
 
 
+def test_record92_on_a_card_too_small_names_its_table():
+    """config/record92.py's state alone (its quarter-size n-gram table) exceeds a 40 GB card:
+    the error says which key makes it smaller."""
+    config = base_config("record92")
+    with pytest.raises(utils.ConfigError, match=f"n-gram table, {config.model.bigram_rows:,} "
+                                                "rows, takes most: a smaller model_config"):
+        memory.choose_multiple(config, HOPPER, 40 * memory.GB)
+
+
 @pytest.mark.parametrize("gb,multiple", [(24, 16), (32, 16), (48, 32), (80, 32), (12, None)])
 def test_the_largest_micro_batch_that_fits_is_chosen(gb, multiple):
     config = record55_config()
