@@ -402,11 +402,11 @@ class TrainingManager:
 
     def warmup(self):
         """Compile the graphs the run uses (the model's trunk and its loss graphs, which
-        validation shares, and the optimizer's updates) with the first steps on real batches,
-        up to one with an Adam update, then restore weights, optimizer, data position,
-        gradients and RNG: the timed run starts from exactly the state it would have had
-        without warm-up. Returns seconds spent; ``warmup_phases`` says where they went
-        (``warmup_summary``)."""
+        validation shares, and the optimizer's updates, the tables' at each of their paces)
+        with the first steps on real batches, up to one with an Adam update, then restore
+        weights, optimizer, data position, gradients and RNG: the timed run starts from
+        exactly the state it would have had without warm-up. Returns seconds spent;
+        ``warmup_phases`` says where they went (``warmup_summary``)."""
         start = time.perf_counter()
         # the snapshot waits in host memory: on the GPU it would add the weights and the
         # optimizer's state (7.3 GB for config/base.py) to the peak of the warm-up's steps
@@ -430,9 +430,19 @@ class TrainingManager:
             self.warmup_phases.append((name, now - mark))
             mark = now
 
-        for i in range(self.schedule.config.adam_every):  # a step with Adam's update too
+        every = self.schedule.config.adam_every
+        for i in range(every):  # a step with Adam's update too
             self.train_step()
             phase("first step" if i == 0 else "Adam's step")
+        # the embedding tables' Adam at each other pace the run takes (schedule.table_adam_every:
+        # the compiled update holds the betas, raised to the pace, as constants)
+        plans = [self.schedule.at(s) for s in range(self.schedule.total)]
+        paces = {p.table_pace for p in plans if p.adam and p.tables}
+        for pace in sorted(paces - {p.table_pace for p in plans[:every] if p.adam and p.tables}):
+            plan = replace(plans[0], accumulation=1, adam=True, tables=True, table_pace=pace)
+            self.accumulate(plan)
+            self.optimizer_step(plan)
+            phase(f"the tables' Adam at pace {pace}")
         # each other set size of the sampled softmax: the full softmax's graph (0), and a run
         # of the sampled graph at every size, which serves them all (mark_set_size_dynamic)
         sizes = {size for _, size in self.schedule.config.sampled_softmax} | {0}

@@ -386,6 +386,8 @@ def test_ngram_row_grads_train_as_the_dense_gradient(config, tmp_path):
     assert got == pytest.approx(expected, rel=1e-5)
     first = manager_for(config, tmp_path)
     first.warmup()
+    assert [name for name, _ in first.warmup_phases] == [
+        "first step", "Adam's step", "the tables' Adam at pace 2"]
     assert losses_of(first, 6) == got[:6]
     # two steps of two micro-batches, two rows a token
     assert first.row_grads.used == 2 * 2 * first.tc.micro_batch_tokens * 2
