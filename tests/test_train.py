@@ -808,6 +808,25 @@ def test_device_busy_is_the_union_of_kernel_intervals():
     assert device_busy(events[3:4]) is None
 
 
+def test_no_step_after_the_warmup_compiles(config, tmp_path):
+    """Compiled (inductor on the CPU), the warm-up compiles every graph the run takes: the
+    whole run after it, through the stages, the untie, the sampled softmax at two set sizes and
+    then the full softmax, the n-gram rows and the tables' Adam at pace 2, and validation,
+    compiles nothing (the optimizer's compiled updates run on the GPU only:
+    tests/test_gpu.py)."""
+    config["compile_config"]["enabled"] = True
+    config["model_config"]["ngram_table"] = True
+    config["training_config"]["ngram_row_grads"] = True
+    config["schedule"].update(adam_every=2, table_adam_every=4, table_adam_from=4,
+                              sampled_softmax=((0, 128), (4, 256), (10, 0)),
+                              sampled_softmax_rows=64)
+    manager = manager_for(config, tmp_path)
+    manager.warmup()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        losses_of(manager, manager.schedule.total)
+        assert math.isfinite(manager.validate())
+
+
 def test_benchmark_mode_reports_every_stage(config, tmp_path):
     import benchmark
 
