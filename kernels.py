@@ -574,3 +574,93 @@ def relu2_mlp(x: Tensor, fc: Tensor, proj: Tensor, act_scale: Tensor) -> tuple[T
     out, amax = _Relu2MLP.apply(rows, fc, proj, act_scale)
     next_scale = amax.clamp_min(1e-12) * (MLP_ACT_HEADROOM / E4M3_MAX)
     return out.view(*x.shape[:-1], proj.size(0)), next_scale
+
+
+# The n-gram table's row-wise Adam (record #92) from the (row id, gradient row) pairs held since
+# its last step: the reference sums the pairs per row with unique + index_add (a float32 copy
+# of every pair, then gathers and scatters of the rows' weights, each a pass over gigabytes);
+# the kernel sorts the ids and lets one program sum a row's pairs and move that row, reading
+# each pair and the row once.
+def sum_rows(ids: Tensor, grads: Tensor, ranks: int = 1) -> tuple[Tensor, Tensor]:
+    """The distinct row ids (sorted) and, in float32, the sum of each one's gradient rows
+    divided by ``ranks`` (the mean over the ranks that gathered them)."""
+    rows, inverse = torch.unique(ids, return_inverse=True)
+    summed = torch.zeros(rows.numel(), grads.size(1), dtype=torch.float32, device=grads.device)
+    summed.index_add_(0, inverse, grads.float())
+    if ranks > 1:  # in place: the rows are gigabytes
+        summed /= ranks
+    return rows, summed
+
+
+def adam_rows_reference_(p: Tensor, ids: Tensor, grads: Tensor, exp_avg_sq: Tensor,
+                         beta2: float, eps: float, step_size: float, decay: float,
+                         ranks: int = 1) -> None:
+    """Row-wise Adam (no momentum, one second moment a row: the mean of the row's squared
+    gradients) of a parameter whose gradient is zero but on the rows in ``ids``, where it is
+    the sum of their ``grads`` over ``ranks``: every row's second moment decays, only the
+    rows with gradient move (cautious decay included), in float32 and rounded to the weights'
+    dtype once. The dense update's numbers (``updates.adam_update_``, which rounds bf16 weights'
+    decay term to bf16 on the way)."""
+    rows, grad = sum_rows(ids, grads, ranks)
+    exp_avg_sq.mul_(beta2).index_add_(0, rows, grad.square().mean(-1, keepdim=True),
+                                      alpha=1 - beta2)
+    update = grad.div(exp_avg_sq[rows].sqrt().add_(eps)).mul_(step_size)
+    old = p[rows].float()
+    update.add_(old * ((update * old) > 0) * decay)
+    p.index_copy_(0, rows, (old - update).to(p.dtype))
+
+
+def adam_rows_(p: Tensor, ids: Tensor, grads: Tensor, exp_avg_sq: Tensor, beta2: float,
+               eps: float, step_size: float, decay: float, ranks: int = 1) -> None:
+    """``adam_rows_reference_``; on CUDA by the Triton kernel."""
+    if p.is_cuda and triton is not None:
+        kernel_adam_rows_(p, ids, grads, exp_avg_sq, beta2, eps, step_size, decay, ranks)
+    else:
+        adam_rows_reference_(p, ids, grads, exp_avg_sq, beta2, eps, step_size, decay, ranks)
+
+
+def kernel_adam_rows_(p: Tensor, ids: Tensor, grads: Tensor, exp_avg_sq: Tensor, beta2: float,
+                      eps: float, step_size: float, decay: float, ranks: int = 1) -> None:
+    """The Triton kernel behind ``adam_rows_`` (on any device under TRITON_INTERPRET=1). A
+    stable sort keeps each row's pairs in the order they were held, so they are summed in the
+    reference's order."""
+    if p.dim() != 2 or p.stride(1) != 1 or grads.stride(1) != 1:
+        raise ValueError("adam_rows_ takes row-major 2-D weights and gradient rows")
+    sorted_ids, order = torch.sort(ids, stable=True)
+    rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    starts = torch.zeros(rows.numel() + 1, dtype=torch.long, device=ids.device)
+    torch.cumsum(counts, 0, out=starts[1:])
+    exp_avg_sq.mul_(beta2)
+    _adam_rows_kernel[(rows.numel(),)](
+        p, exp_avg_sq, grads, order, starts, rows, p.size(1), p.stride(0), grads.stride(0),
+        1 - beta2, eps, step_size, decay, float(ranks),
+        BLOCK_D=triton.next_power_of_2(p.size(1)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _adam_rows_kernel(p_ptr, v_ptr, g_ptr, order_ptr, starts_ptr, rows_ptr, D, p_stride,
+                          g_stride, one_minus_beta2, eps, step_size, decay, ranks,
+                          BLOCK_D: tl.constexpr):
+        """One distinct row: the sum of its pairs' gradients (``order[starts[i]:starts[i +
+        1]]``) / ranks in float32, its (already decayed) second moment plus (1 - beta2) times
+        their mean square, then the cautious Adam update of its weights."""
+        i = tl.program_id(0)
+        row = tl.load(rows_ptr + i)
+        lo, hi = tl.load(starts_ptr + i), tl.load(starts_ptr + i + 1)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        grad = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for j in range(lo, hi):
+            pair = tl.load(order_ptr + j)
+            grad += tl.load(g_ptr + pair * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        if ranks > 1.0:
+            grad = tl.div_rn(grad, ranks)
+        v = tl.load(v_ptr + row) + one_minus_beta2 * (tl.sum(grad * grad) / D)
+        tl.store(v_ptr + row, v)
+        update = tl.div_rn(grad, tl.sqrt_rn(v) + eps) * step_size
+        weights = p_ptr + row * p_stride + cols
+        old = tl.load(weights, mask=mask, other=0.0).to(tl.float32)
+        update += tl.where(update * old > 0, old, 0.0) * decay
+        tl.store(weights, (old - update).to(p_ptr.dtype.element_ty), mask=mask)

@@ -57,8 +57,8 @@ import torch
 from torch import Tensor, nn
 
 from distributed import World
+from kernels import adam_rows_
 from updates import (
-    adam_rows_update_,
     adam_step_,
     compiled_adam_step_,
     compiled_matrix_step_,
@@ -249,8 +249,9 @@ class _AdamGroup:
              row_grads: dict | None = None) -> None:
         """Adam on the parameters with gradients, but those labelled in ``held``; a label in
         ``pace`` (label -> k) steps as k steps at once: betas ** k, decay times k.
-        ``row_grads``: {entry: (rows, gradient rows)} of parameters whose gradient is kept as
-        rows (the n-gram table's, ``layers.ngram.RowGradients``)."""
+        ``row_grads``: {entry: (row ids, gradient rows, ranks)} of parameters whose gradient is
+        kept as rows (the n-gram table's, ``layers.ngram.RowGradients``): a row's gradient is
+        the sum of its pairs / ranks."""
         row_grads = row_grads or {}
         entries = [e for e in self.entries if (e.param.grad is not None or e in row_grads)
                    and e.label not in held]
@@ -270,8 +271,9 @@ class _AdamGroup:
             decays.append(self.hp["weight_decay"] * e.wd_mul * k * lr * lr)
         for i, e in enumerate(entries):
             if e in row_grads:
-                adam_rows_update_(e.param, *row_grads[e], e.state["exp_avg_sq"], betas[i][1],
-                                  self.hp["eps"], step_sizes[i], decays[i])
+                ids, grads, ranks = row_grads[e]
+                adam_rows_(e.param, ids, grads, e.state["exp_avg_sq"], betas[i][1],
+                           self.hp["eps"], step_sizes[i], decays[i], ranks)
         keep = [i for i, e in enumerate(entries) if e not in row_grads]
         entries, betas = [entries[i] for i in keep], [betas[i] for i in keep]
         step_sizes, decays = [step_sizes[i] for i in keep], [decays[i] for i in keep]
@@ -569,7 +571,7 @@ class Optimizers:
         if adam:
             self._groups["adam"].step(self.lr_factor, held,
                                       dict.fromkeys(TABLE_LABELS, table_pace),
-                                      self.row_gradients(held))
+                                      self.held_rows(held))
             if not frozen:
                 self._groups["scalar"].step(self.lr_factor)
         for stack_step in stack_steps:
@@ -588,10 +590,11 @@ class Optimizers:
         ]
         return self.world.start_all_reduce_mean(grads)
 
-    def row_gradients(self, held: tuple = ()) -> dict:
-        """{entry: (rows, summed gradient rows)} of the parameters whose gradient is kept as
-        rows (``row_grads``), but those of the labels ``held``; with several ranks every
-        rank's rows, the gradients averaged over the ranks (a host sync)."""
+    def held_rows(self, held: tuple = ()) -> dict:
+        """{entry: (row ids, gradient rows, ranks)} of the parameters whose gradient is kept as
+        rows (``row_grads``), but those of the labels ``held``: the pairs held since their
+        last step, with several ranks every rank's (a host sync); a row's gradient is the sum
+        of its pairs / ranks (``kernels.sum_rows``)."""
         out = {}
         for e in self._groups["adam"].entries:
             grads = getattr(e.param, "row_grads", None)
@@ -603,12 +606,7 @@ class Optimizers:
                                                 for t in (ids, g))
                 work_ids.wait()
                 work_g.wait()
-            rows, inverse = torch.unique(ids, return_inverse=True)
-            summed = torch.zeros(rows.numel(), g.size(1), dtype=torch.float32, device=g.device)
-            summed.index_add_(0, inverse, g.float())
-            if self.world.distributed:  # in place: the rows are gigabytes
-                summed /= self.world.world_size
-            out[e] = rows, summed
+            out[e] = ids, g, self.world.world_size
         return out
 
     def zero_grad(self, adam: bool = True, tables: bool = True) -> None:

@@ -24,6 +24,7 @@ import averaging
 import checkpoints
 from data.loader import DataLoader, validation_pieces
 from distributed import World
+from kernels import sum_rows
 from layers.embeddings import collect_table_grads
 from layers.masks import document_ids
 from layers.sampled import CandidateSampler, mark_set_size_dynamic
@@ -511,8 +512,9 @@ class TrainingManager:
         "grads"}, or none."""
         if self.row_grads is None or not self.row_grads.used:
             return {}
-        ((rows, grads),) = self.optimizer.row_gradients().values()
-        return checkpoints.to_host({"rows": rows, "grads": grads})
+        ((ids, grads, ranks),) = self.optimizer.held_rows().values()
+        rows, summed = sum_rows(ids, grads, ranks)
+        return checkpoints.to_host({"rows": rows, "grads": summed})
 
     def load_pending_rows(self, pending: dict) -> None:
         if self.row_grads is not None:

@@ -208,20 +208,6 @@ def adam_update_(
     p.sub_(update)
 
 
-def adam_rows_update_(p: Tensor, rows: Tensor, grad: Tensor, exp_avg_sq: Tensor, beta2: float,
-                      eps: float, step_size: float, decay: float) -> None:
-    """``adam_update_`` of a row-wise parameter whose gradient is zero but on ``rows``, given
-    there as ``grad`` (len(rows), D) float32 (the n-gram table's row gradients): every row's
-    second moment decays, only those rows move (a row without gradient has no update, and so
-    no cautious decay either). The same numbers as the dense update."""
-    exp_avg_sq.mul_(beta2).index_add_(0, rows, grad.square().mean(-1, keepdim=True),
-                                      alpha=1 - beta2)
-    update = grad.div(exp_avg_sq[rows].sqrt().add_(eps)).mul_(step_size)
-    old = p[rows]
-    update.add_(old * ((update * old) > 0) * decay)
-    p.index_copy_(0, rows, (old - update).to(p.dtype))
-
-
 def adam_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                exp_avg_sqs: list[Tensor], betas: list[tuple[float, float]], eps: float,
                step_sizes: Tensor | list[float], decays: Tensor | list[float]) -> None:
