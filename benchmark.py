@@ -6,7 +6,9 @@ synchronised clocks on the CPU); the table reports means (Adam steps every
 ``schedule.adam_every`` steps, so consecutive steps differ; an even number are timed). The
 optimizer step (with the embedding tie's fold and copy) is timed on its own to give its share
 of the step. The projected train time is the sum over the stages of their steps times their
-mean step time. The same figures go to a JSON file beside the run's log. It trains on real
+mean step time; a stage whose sampled softmax changes its candidate count is timed in parts, one
+a count (record #92's third stage: 20 ms a step more with 24,576 candidates than with
+14,336). The same figures go to a JSON file beside the run's log. It trains on real
 batches but is not a training run: no validation, no record. Under torchrun every rank runs it
 and rank 0 reports: tokens/s count all ranks' tokens, MFU is per GPU.
 """
@@ -58,6 +60,17 @@ def time_stage(manager, plan, steps, timer):
             statistics.mean(timer.elapsed_ms(a, b) for a, b in optimizer_ms))
 
 
+def timed_spans(schedule) -> list[tuple[int, int, int]]:
+    """(stage number, first step, end) of each part of a stage timed on its own: the stages,
+    cut where the sampled softmax's candidate count changes inside one."""
+    switches = [step for step, _ in schedule.config.sampled_softmax]
+    out = []
+    for stage, (first, end) in enumerate(schedule.spans(), start=1):
+        cuts = [first, *(s for s in switches if first < s < end), end]
+        out += [(stage, a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+    return out
+
+
 def stage_plan(manager, first):
     """Apply the stage's first step (its windows, YaRN, untie and freeze, as the run would)
     and return the plan of its second step: its shape and windows, no transition. The
@@ -95,32 +108,55 @@ def profile_largest_stage(manager, steps=3, rows=25):
     if manager.world.is_main:
         prof.export_chrome_trace(str(path))
         with gzip.open(path, "rt") as f:
-            busy = device_busy(json.load(f)["traceEvents"])
-        if busy is not None:
-            wall, active = busy
-            table += (f"\ndevice busy {active / wall:.1%} of the {wall:,.1f} ms from the first "
-                      f"kernel to the last ({wall - active:,.1f} ms idle between kernels)")
+            events = json.load(f)["traceEvents"]
+        table += "".join(f"\n{line}" for line in device_gaps(events))
     return table, path
 
 
-def device_busy(events) -> tuple[float, float] | None:
-    """(wall, busy) milliseconds of a Chrome trace's device activity: from the first kernel
-    (or copy) to the end of the last, and the union of their intervals; None without any."""
-    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+GAP_BINS_US = (10, 100, 1000)
+
+
+def device_gaps(events, longest=5) -> list[str]:
+    """Where the device waited, from a Chrome trace: how busy it was from its first kernel (or
+    copy) to the end of its last (the union of their intervals), the idle time by gap length,
+    and the ``longest`` gaps with the kernel before each and the innermost host calls that
+    cover most of it (what the host was doing meanwhile). No lines without device events."""
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "?")) for e in events
                    if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy",
                                                                "gpu_memset"))
     if not spans:
-        return None
-    busy, (start, end) = 0.0, spans[0]
-    first = start
-    for lo, hi in spans[1:]:
+        return []
+    busy, gaps = 0.0, []
+    start, end, last = spans[0]
+    for lo, hi, name in spans[1:]:
         if lo > end:
             busy += end - start
-            start, end = lo, hi
-        else:
-            end = max(end, hi)
+            gaps.append((lo - end, end, lo, last))
+            start = lo
+        if hi >= end:
+            end, last = hi, name
     busy += end - start
-    return (end - first) / 1000, busy / 1000
+    wall = end - spans[0][0]
+    edges = (0, *GAP_BINS_US, float("inf"))
+    bins = [sum(g[0] for g in gaps if lo <= g[0] < hi) / 1000
+            for lo, hi in zip(edges, edges[1:], strict=False)]
+    labels = [f"under {GAP_BINS_US[0]} us", *(f"{lo}-{hi} us" for lo, hi in
+                                               zip(GAP_BINS_US, GAP_BINS_US[1:], strict=False)),
+              f"over {GAP_BINS_US[-1]} us"]
+    lines = [f"device busy {busy / wall:.1%} of the {wall / 1000:,.1f} ms from the first kernel "
+             f"to the last ({(wall - busy) / 1000:,.1f} ms idle in {len(gaps):,} gaps: "
+             + ", ".join(f"{ms:,.1f} ms {label}" for ms, label in zip(bins, labels, strict=True))
+             + ")"]
+    host = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op",
+                                                                          "cuda_runtime")]
+    for gap, lo, hi, before in sorted(gaps, reverse=True)[:longest]:
+        covering = sorted((e for e in host if min(hi, e["ts"] + e.get("dur", 0))
+                           - max(lo, e["ts"]) > gap / 2), key=lambda e: e.get("dur", 0))
+        calls = "; ".join(f"{e['name'][:48]} {e.get('dur', 0) / 1000:.2f} ms"
+                          for e in covering[:2]) or "none traced"
+        lines.append(f"  gap {gap / 1000:.2f} ms at {(lo - spans[0][0]) / 1000:,.1f} ms after "
+                     f"{before[:48]}; host: {calls}")
+    return lines
 
 
 def run_benchmark(manager, profile=False):
@@ -137,7 +173,7 @@ def run_benchmark(manager, profile=False):
     steps = -(-manager.tc.benchmark_steps // every) * every
     schedule = manager.schedule
     rows = []
-    for first, end in schedule.spans():
+    for stage, first, end in timed_spans(schedule):
         if end - first < 2:
             continue
         if cuda:
@@ -145,8 +181,9 @@ def run_benchmark(manager, profile=False):
         plan = stage_plan(manager, first)
         step_ms, optimizer_ms = time_stage(manager, plan, steps, timer)
         short, long = plan.windows
-        row = {"stage": len(rows) + 1, "steps": f"{first}-{end - 1}", "num_steps": end - first,
-               "tokens_per_step": plan.tokens, "accumulation": plan.accumulation,
+        row = {"stage": stage, "steps": f"{first}-{end - 1}", "num_steps": end - first,
+               "tokens_per_step": plan.tokens, "candidates": plan.candidates,
+               "accumulation": plan.accumulation,
                "windows": f"{short}/{long}", "ms_per_step": step_ms,
                "tokens_per_s": plan.tokens / step_ms * 1000,
                "tflops": manager.flops_per_step(plan) / step_ms / 1e9,
@@ -191,12 +228,14 @@ def format_table(result):
            f"{result['timed_steps_per_stage']} steps, micro-batch "
            f"{result['micro_batch_tokens']:,} tokens, compile + warm-up "
            f"{result['compile_and_warmup_s']:.0f}s")
-    yield (f"{'stage':>5} {'steps':>11} {'tokens':>8} {'win':>6} {'ms/step':>8} "
+    yield (f"{'stage':>5} {'steps':>11} {'tokens':>8} {'win':>6} {'softmax':>7} {'ms/step':>8} "
            f"{'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'opt':>6} {'alloc GB':>9} "
            f"{'resv GB':>8}")
     for r in result["stages"]:
+        softmax = f"{r['candidates']:,}" if r["candidates"] else "full"
         yield (f"{r['stage']:>5} {r['steps']:>11} {r['tokens_per_step']:>8,} "
-               f"{r['windows']:>6} {r['ms_per_step']:>8.1f} {r['tokens_per_s']:>10,.0f} "
+               f"{r['windows']:>6} {softmax:>7} {r['ms_per_step']:>8.1f} "
+               f"{r['tokens_per_s']:>10,.0f} "
                f"{r['tflops']:>8.1f} {cell(r['mfu'], '>6.1%')} "
                f"{r['optimizer_share']:>6.1%} {cell(r['peak_allocated_gb'], '>9.1f')} "
                f"{cell(r['peak_reserved_gb'], '>8.1f')}")

@@ -796,16 +796,23 @@ def test_packing_lookahead_reaches_the_loader(config, tmp_path):
         run.build_config(config)
 
 
-def test_device_busy_is_the_union_of_kernel_intervals():
-    from benchmark import device_busy
+def test_device_gaps_are_the_union_of_kernel_intervals():
+    """Busy time is the union of the device's intervals; the gaps are binned by length and
+    the longest named with the kernel before it and the innermost host call covering it."""
+    from benchmark import device_gaps
 
-    events = [{"ph": "X", "cat": "kernel", "ts": 0, "dur": 10},
-              {"ph": "X", "cat": "kernel", "ts": 5, "dur": 10},  # overlaps the first
-              {"ph": "X", "cat": "gpu_memcpy", "ts": 100, "dur": 10},
-              {"ph": "X", "cat": "cpu_op", "ts": 20, "dur": 500},  # the host's: not counted
-              {"ph": "X", "cat": "kernel", "ts": 2000, "dur": 10}]
-    assert device_busy(events) == pytest.approx((2.01, 0.035))
-    assert device_busy(events[3:4]) is None
+    events = [{"ph": "X", "cat": "kernel", "ts": 0, "dur": 10, "name": "first"},
+              {"ph": "X", "cat": "kernel", "ts": 5, "dur": 10, "name": "overlapping"},
+              {"ph": "X", "cat": "gpu_memcpy", "ts": 100, "dur": 10, "name": "copy"},
+              {"ph": "X", "cat": "cpu_op", "ts": 20, "dur": 5000, "name": "step"},
+              {"ph": "X", "cat": "cuda_runtime", "ts": 200, "dur": 1700, "name": "sync"},
+              {"ph": "X", "cat": "kernel", "ts": 2000, "dur": 10, "name": "last"}]
+    lines = device_gaps(events, longest=1)
+    assert lines[0] == ("device busy 1.7% of the 2.0 ms from the first kernel to the last "
+                        "(2.0 ms idle in 2 gaps: 0.0 ms under 10 us, 0.1 ms 10-100 us, "
+                        "0.0 ms 100-1000 us, 1.9 ms over 1000 us)")
+    assert lines[1:] == ["  gap 1.89 ms at 0.1 ms after copy; host: sync 1.70 ms; step 5.00 ms"]
+    assert device_gaps(events[3:5]) == []
 
 
 def test_no_step_after_the_warmup_compiles(config, tmp_path):
@@ -851,6 +858,19 @@ def test_benchmark_mode_reports_every_stage(config, tmp_path):
     with gzip.open(trace, "rt") as f:
         events = json.load(f)["traceEvents"]
     assert any(e.get("cat") == "cpu_op" for e in events)
+
+
+def test_benchmark_times_each_candidate_count_of_a_stage_apart(config):
+    """A stage inside which the sampled softmax changes its candidate count is timed in parts,
+    one a count (their step costs differ); switches at a stage's start cut nothing."""
+    import benchmark
+
+    config["schedule"].update(sampled_softmax=((0, 128), (4, 256), (10, 0)),
+                              sampled_softmax_rows=64)
+    schedule = run.build_config(config).schedule
+    assert benchmark.timed_spans(schedule) == [(1, 0, 4), (2, 4, 8), (3, 8, 10), (3, 10, 12),
+                                               (4, 12, 14)]
+    assert [schedule.at(step).candidates for step in (8, 10)] == [256, 0]
 
 
 def test_benchmark_times_the_ngram_rows_stage_by_stage(config, tmp_path, monkeypatch):
