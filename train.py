@@ -302,6 +302,7 @@ class TrainingManager:
         self.run_id = None  # kept in checkpoints: a resumed run appends to the same log
         self.step = 0  # optimizer steps completed
         self.train_time = 0.0  # seconds of training, validation and compile excluded
+        self._mark = 0.0  # when the last step counted ended (finish_step)
         self.history = []  # (step, train time, val loss)
         sc = self.schedule.config
         self.tail_ships = None
@@ -605,23 +606,32 @@ class TrainingManager:
         started = time.perf_counter()
         with Signals(enabled=not self.world.distributed) as signals:
             try:
+                # A step's loss is read once the next step is queued (``pending``), so that the
+                # device never waits for the host between steps; a pause (checkpoint,
+                # validation, the end) reads it at once and waits for the device.
+                pending, self._mark = None, time.perf_counter()
                 while self.step < stop and signals.received is None:
-                    step_start = time.perf_counter()
-                    loss = self.train_step().item()
-                    synchronize(self.device)
-                    step_time = time.perf_counter() - step_start
-                    self.train_time += step_time
-                    if not math.isfinite(loss):
-                        raise TrainingError(f"loss is {loss} at step {self.step}: training "
-                                            f"stopped (log kept at {self.logger.path})")
-                    self.log_step(loss, step_time)
+                    loss = self.train_step()
                     if self.tail_ships is not None:
                         self.tail_ships.tick(self.step - 1)
-                    if self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0:
+                    if pending is not None:
+                        self.finish_step(*pending)
+                    pending = (self.step, loss)
+                    checkpoint = (self.tc.checkpoint_every
+                                  and self.step % self.tc.checkpoint_every == 0)
+                    validation = (every and self.step % every == 0 and self.step < stop
+                                  and signals.received is None)
+                    if not (checkpoint or validation):
+                        continue
+                    self.finish_step(*pending, pause=True)
+                    pending = None
+                    if checkpoint:
                         log(f"checkpoint written: {self.write_checkpoint()}")
-                    if (every and self.step % every == 0 and self.step < stop
-                            and signals.received is None):
+                    if validation:
                         self.log_validation(self.validate())
+                    self._mark = time.perf_counter()  # neither is train time
+                if pending is not None:
+                    self.finish_step(*pending, pause=True)
             except KeyboardInterrupt:
                 if self.world.distributed:  # no handler defers signals there: ranks stop at
                     # different points, and a collective to save the state could hang
@@ -659,9 +669,24 @@ class TrainingManager:
                               "off)")
         raise Interrupted(signum)
 
-    def log_step(self, loss, step_time):
-        plan = self.schedule.at(self.step - 1)
-        message = (f"step {self.step}/{self.schedule.total} loss {loss:.4f} "
+    def finish_step(self, step: int, loss, pause: bool = False) -> None:
+        """Read step ``step``'s loss (a device tensor: waits for that step's forward passes
+        only), count the time since the previous step's end as its time, check and log it.
+        With ``pause`` wait for the device to finish everything queued first."""
+        loss = loss.item()
+        if pause:
+            synchronize(self.device)
+        now = time.perf_counter()
+        step_time, self._mark = now - self._mark, now
+        self.train_time += step_time
+        if not math.isfinite(loss):
+            raise TrainingError(f"loss is {loss} at step {step}: training stopped (log kept "
+                                f"at {self.logger.path})")
+        self.log_step(step, loss, step_time)
+
+    def log_step(self, step, loss, step_time):
+        plan = self.schedule.at(step - 1)
+        message = (f"step {step}/{self.schedule.total} loss {loss:.4f} "
                    f"lr {plan.lr_factor:.3f} tok/s {plan.tokens / step_time:,.0f} "
                    f"step {step_time * 1000:.0f}ms time {self.train_time:.1f}s")
         metrics = {"train/loss": loss, "train/lr_factor": plan.lr_factor,
@@ -671,7 +696,7 @@ class TrainingManager:
         if mfu is not None:
             message += f" mfu {mfu:.1%}"
             metrics["train/mfu"] = mfu
-        self.logger.step(self.step, message, metrics)
+        self.logger.step(step, message, metrics)
 
     def flops_per_step(self, plan: StepPlan):
         """Training FLOPs of a step of ``plan``."""
