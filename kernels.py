@@ -1,6 +1,7 @@
 """Fused and float8 ops, each with the plain PyTorch it must equal: the lm_head and its
-softcapped cross-entropy as one op, a float8 linear layer for the MLP, and record #89's relu^2
-MLP (``relu2_mlp``, its two Triton kernels at the end of this file).
+softcapped cross-entropy as one op, a float8 linear layer for the MLP, record #89's relu^2
+MLP (``relu2_mlp``, its two Triton kernels) and record #92's row-wise Adam of the n-gram table
+(``adam_rows_``, its Triton kernel at the end of this file).
 
 The speedrun's loss takes (T, V) logits = hidden @ W.T, softcaps them and takes the
 cross-entropy in float32. Left to autograd that keeps the logits for the backward pass and then
@@ -621,46 +622,54 @@ def adam_rows_(p: Tensor, ids: Tensor, grads: Tensor, exp_avg_sq: Tensor, beta2:
 
 def kernel_adam_rows_(p: Tensor, ids: Tensor, grads: Tensor, exp_avg_sq: Tensor, beta2: float,
                       eps: float, step_size: float, decay: float, ranks: int = 1) -> None:
-    """The Triton kernel behind ``adam_rows_`` (on any device under TRITON_INTERPRET=1). A
-    stable sort keeps each row's pairs in the order they were held, so they are summed in the
-    reference's order."""
+    """The Triton kernel behind ``adam_rows_`` (on any device under TRITON_INTERPRET=1). The
+    ids are sorted (stably: each row's pairs in the order they were held) and each pair given
+    the end of its row's run by a search, so no size depends on the data: no host sync. A
+    program a pair; the first pair of each row does that row's work."""
     if p.dim() != 2 or p.stride(1) != 1 or grads.stride(1) != 1:
         raise ValueError("adam_rows_ takes row-major 2-D weights and gradient rows")
     sorted_ids, order = torch.sort(ids, stable=True)
-    rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    starts = torch.zeros(rows.numel() + 1, dtype=torch.long, device=ids.device)
-    torch.cumsum(counts, 0, out=starts[1:])
+    ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)
     exp_avg_sq.mul_(beta2)
-    _adam_rows_kernel[(rows.numel(),)](
-        p, exp_avg_sq, grads, order, starts, rows, p.size(1), p.stride(0), grads.stride(0),
-        1 - beta2, eps, step_size, decay, float(ranks),
-        BLOCK_D=triton.next_power_of_2(p.size(1)))
+    _adam_rows_kernel[(ids.numel(),)](
+        p, exp_avg_sq, grads, order, sorted_ids, ends, p.size(1), p.stride(0), grads.stride(0),
+        1 - beta2, eps, step_size, decay, float(ranks), BLOCK_P=ROWS_BLOCK_PAIRS,
+        BLOCK_D=triton.next_power_of_2(p.size(1)), num_warps=8)
 
+
+ROWS_BLOCK_PAIRS = 8  # pairs of a row summed per iteration (a frequent n-gram has thousands)
 
 if triton is not None:
 
     @triton.jit
-    def _adam_rows_kernel(p_ptr, v_ptr, g_ptr, order_ptr, starts_ptr, rows_ptr, D, p_stride,
+    def _adam_rows_kernel(p_ptr, v_ptr, g_ptr, order_ptr, sorted_ptr, ends_ptr, D, p_stride,
                           g_stride, one_minus_beta2, eps, step_size, decay, ranks,
-                          BLOCK_D: tl.constexpr):
-        """One distinct row: the sum of its pairs' gradients (``order[starts[i]:starts[i +
-        1]]``) / ranks in float32, its (already decayed) second moment plus (1 - beta2) times
-        their mean square, then the cautious Adam update of its weights."""
+                          BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Pair i of the sorted ids; if it is its row's first: the sum of the row's pairs'
+        gradients (``order[i:ends[i]]``, BLOCK_P at a time) / ranks in float32, the row's
+        (already decayed) second moment plus (1 - beta2) times their mean square, then the
+        cautious Adam update of its weights."""
         i = tl.program_id(0)
-        row = tl.load(rows_ptr + i)
-        lo, hi = tl.load(starts_ptr + i), tl.load(starts_ptr + i + 1)
-        cols = tl.arange(0, BLOCK_D)
-        mask = cols < D
-        grad = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for j in range(lo, hi):
-            pair = tl.load(order_ptr + j)
-            grad += tl.load(g_ptr + pair * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        if ranks > 1.0:
-            grad = tl.div_rn(grad, ranks)
-        v = tl.load(v_ptr + row) + one_minus_beta2 * (tl.sum(grad * grad) / D)
-        tl.store(v_ptr + row, v)
-        update = tl.div_rn(grad, tl.sqrt_rn(v) + eps) * step_size
-        weights = p_ptr + row * p_stride + cols
-        old = tl.load(weights, mask=mask, other=0.0).to(tl.float32)
-        update += tl.where(update * old > 0, old, 0.0) * decay
-        tl.store(weights, (old - update).to(p_ptr.dtype.element_ty), mask=mask)
+        row = tl.load(sorted_ptr + i)
+        previous = tl.load(sorted_ptr + i - 1, mask=i > 0, other=-1)
+        if row != previous:
+            end = tl.load(ends_ptr + i)
+            cols = tl.arange(0, BLOCK_D)
+            mask = cols < D
+            offsets = tl.arange(0, BLOCK_P)
+            grad = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for first in range(i, end, BLOCK_P):
+                held = first + offsets < end
+                pairs = tl.load(order_ptr + first + offsets, mask=held, other=0)
+                block = tl.load(g_ptr + pairs[:, None] * g_stride + cols[None, :],
+                                mask=held[:, None] & mask[None, :], other=0.0)
+                grad += tl.sum(block.to(tl.float32), axis=0)
+            if ranks > 1.0:
+                grad = tl.div_rn(grad, ranks)
+            v = tl.load(v_ptr + row) + one_minus_beta2 * (tl.sum(grad * grad) / D)
+            tl.store(v_ptr + row, v)
+            update = tl.div_rn(grad, tl.sqrt_rn(v) + eps) * step_size
+            weights = p_ptr + row * p_stride + cols
+            old = tl.load(weights, mask=mask, other=0.0).to(tl.float32)
+            update += tl.where(update * old > 0, old, 0.0) * decay
+            tl.store(weights, (old - update).to(p_ptr.dtype.element_ty), mask=mask)

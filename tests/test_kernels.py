@@ -211,8 +211,10 @@ ADAM_ROWS_CHECK = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     for dtype, ranks in ((torch.float32, 1), (torch.bfloat16, 3)):
         p = torch.randn(50, 12, generator=g).to(dtype)
-        ids = torch.randint(0, 40, (90,), generator=g)  # repeated rows; rows 40-49 untouched
-        grads = torch.randn(90, 12, generator=g).to(dtype)
+        # repeated rows, row 7 in 29 pairs (several of the kernel's blocks); rows 40-49 untouched
+        ids = torch.cat([torch.randint(0, 40, (90,), generator=g), torch.full((29,), 7)])
+        ids = ids[torch.randperm(ids.numel(), generator=g)]
+        grads = torch.randn(ids.numel(), 12, generator=g).to(dtype)
         v = torch.rand(50, 1, generator=g)
         want_p, want_v = p.clone(), v.clone()
         # a decay of 0.3 makes the cautious decay visible beside the step
@@ -230,7 +232,7 @@ ADAM_ROWS_CHECK = textwrap.dedent("""
 def test_triton_adam_rows_matches_reference_in_interpreter():
     """The n-gram table's row-wise Adam from (row id, gradient row) pairs: the Triton kernel
     against ``adam_rows_reference_`` (unique + index_add, then the update), float32 and bf16
-    weights, the mean over three ranks, repeated and untouched rows."""
+    weights, the mean over three ranks, repeated (one in many pairs) and untouched rows."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-c", ADAM_ROWS_CHECK], capture_output=True,
                             text=True, env=env, cwd=REPO_ROOT, timeout=300)
