@@ -326,7 +326,10 @@ class TrainingManager:
         self.optimizer.set_momentum(plan.momentum)
         self.optimizer.set_step(plan.step)
         mtp = plan.mtp_weights + (0.0,) * (self.schedule.mtp_width - len(plan.mtp_weights))
-        self.loss_weights.copy_(torch.tensor([*mtp, plan.prefix_weight]), non_blocking=True)
+        weights = torch.tensor([*mtp, plan.prefix_weight])
+        if self.loss_weights.is_cuda:  # pinned: a copy from pageable memory may wait for it
+            weights = weights.pin_memory()
+        self.loss_weights.copy_(weights, non_blocking=True)
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -369,9 +372,8 @@ class TrainingManager:
         rows = self.schedule.config.sampled_softmax_rows
         per_batch = targets.numel() // rows
         first = (index * self.world.world_size + self.world.rank) * per_batch
-        return mark_set_size_dynamic(torch.stack([
-            self.sampler.build(targets[j * rows:(j + 1) * rows], plan.candidates, first + j)
-            for j in range(per_batch)]))
+        return mark_set_size_dynamic(self.sampler.build(targets.view(per_batch, rows),
+                                                        plan.candidates, first))
 
     def optimizer_step(self, plan: StepPlan):
         """The optimizer's step on the accumulated gradients as ``plan`` asks: without Adam it

@@ -39,33 +39,36 @@ class CandidateSampler:
         self.sweep = torch.cat([one, one])  # a window may run past the end
         self.places = torch.tensor([vocab * g // groups for g in range(groups)], device=device)
 
-    def build(self, targets: Tensor, size: int, group: int) -> Tensor:
-        """The sorted (size,) candidate ids of a group whose (rows,) targets are given (no
-        negative ids). The group's distinct targets must not outnumber ``size`` (a device-side
-        assert: no sync)."""
-        vocab = self.vocab
-        chosen = torch.zeros(vocab, dtype=torch.bool, device=targets.device)
-        chosen[targets] = True
-        need = size - chosen.sum()
-        torch._assert_async(need >= 0, "more distinct targets than sampled-softmax candidates")
+    def build(self, targets: Tensor, size: int, first: int) -> Tensor:
+        """The sorted (G, size) candidate ids of groups first .. first + G - 1, whose (G, rows)
+        targets are given (no negative ids); all G at once (a few kernels, not a few a
+        group). A group's distinct targets must not outnumber ``size`` (a device-side assert:
+        no sync)."""
+        groups, vocab, device = targets.size(0), self.vocab, targets.device
+        chosen = torch.zeros(groups, vocab, dtype=torch.bool, device=device)
+        chosen.scatter_(1, targets, True)
+        need = size - chosen.sum(1)
+        torch._assert_async((need >= 0).all(),
+                             "more distinct targets than sampled-softmax candidates")
         # as the record: read min(V, int(1.7 need) + 256) ids of the sweep (none when need is 0)
         draw = torch.where(need > 0, torch.clamp((need.double() * DRAW_FACTOR).floor().long()
                                                  + DRAW_EXTRA, max=vocab), 0)
         longest = min(vocab, int(size * DRAW_FACTOR) + DRAW_EXTRA)
-        place = self.places[group]
-        window = self.sweep[place + torch.arange(longest, device=targets.device)]
-        free = (torch.arange(longest, device=targets.device) < draw) & ~chosen[window]
-        taken = free & (free.cumsum(0) <= need)
+        place = self.places[first:first + groups]
+        steps = torch.arange(longest, device=device)
+        window = self.sweep[place[:, None] + steps]  # distinct ids: longest <= vocab
+        free = (steps < draw[:, None]) & ~chosen.gather(1, window)
+        taken = free & (free.cumsum(1) <= need[:, None])
         # the record's fallback when the window holds too few: every k-th id left, in order
         spare = ~chosen
-        rank = spare.cumsum(0) - 1
-        every = torch.clamp(spare.sum() // torch.clamp(need, min=1), min=1)
-        fallback = spare & (rank % every == 0) & (rank // every < need)
-        short = free.sum() < need
+        rank = spare.cumsum(1) - 1
+        every = torch.clamp(spare.sum(1) // torch.clamp(need, min=1), min=1)[:, None]
+        fallback = spare & (rank % every == 0) & (rank // every < need[:, None])
+        short = (free.sum(1) < need)[:, None]
         chosen = chosen | (fallback & short)
-        chosen[window] |= taken & ~short
-        self.places[group] = (place + draw) % vocab
-        return true_columns(chosen[None], size)[0]
+        chosen.scatter_(1, window, chosen.gather(1, window) | (taken & ~short))
+        self.places[first:first + groups] = (place + draw) % vocab
+        return true_columns(chosen, size)
 
     def state_dict(self) -> dict:
         return {"places": self.places.cpu().clone()}  # a copy: the places move in place

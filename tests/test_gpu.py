@@ -401,8 +401,7 @@ def test_sampled_softmax_on_gpu():
     sets = []
     for device in ("cpu", "cuda"):
         sampler = CandidateSampler(50304, groups=2, device=device)
-        sets.append(torch.stack([sampler.build(targets[i].to(device), 10240, i)
-                                 for i in range(2)]).cpu())
+        sets.append(sampler.build(targets.to(device), 10240, first=0).cpu())
     assert torch.equal(*sets)
     ids = torch.cat([targets[0], targets[1]])[:, None]
     weights = torch.ones(8192, 1)

@@ -38,7 +38,7 @@ def test_candidate_sets_are_the_records_at_its_size(rank):
     want = ref[f"rank{rank}"]
     assert sampler.places[rank].item() == want["places"][0].item()
     for step, targets in enumerate(record_scale_targets()):
-        got = sampler.build(targets, int(ref["P"]), group=rank)
+        got = sampler.build(targets[None], int(ref["P"]), first=rank)[0]
         assert got.shape == (int(ref["P"]),) and bool((got[1:] > got[:-1]).all())
         assert got.sum().item() == want["C_sum"][step].item()
         assert (got * torch.arange(got.numel())).sum().item() == want["C_weighted_sum"][step]
@@ -58,7 +58,7 @@ def test_candidate_sets_and_positions_at_tiny_shapes():
     prefix = REFERENCE["prefix_table"][targets]
     for name in STAGES:
         ref = REFERENCE[name]
-        got = sampler.build(targets, ref["P"], group=int(REFERENCE["rank"]))
+        got = sampler.build(targets[None], ref["P"], first=int(REFERENCE["rank"]))[0]
         assert torch.equal(got.int(), ref["C"]), name
         assert torch.equal(positions_in(got, targets).int(), ref["TPOS"]), name
         if ref["prefix_weight"]:
@@ -100,8 +100,7 @@ def test_the_models_groups_end_their_tokens_ahead(tiny_model_config):
     inputs, targets = tokens, torch.roll(tokens, -1)
     weights = torch.tensor([1.0, 0.5, 0.0])
     sampler = CandidateSampler(gpt.config.padded_vocab, groups=2, device="cpu")
-    candidates = torch.stack([sampler.build(targets[g * 64:(g + 1) * 64], 256, g)
-                              for g in range(2)])
+    candidates = sampler.build(targets.view(2, 64), 256, first=0)
     got = gpt(inputs, targets, loss_weights=weights, candidates=candidates)
     hidden = gpt.hidden_states(inputs, document_ids(inputs))[0]
     want = []
@@ -136,24 +135,40 @@ def test_the_trunk_compiles_once_and_one_loss_graph_serves_every_set_size(tiny_m
                                gpt(inputs, targets, docs, weights))
     sampler = CandidateSampler(gpt.config.padded_vocab, groups=2, device="cpu")
     for size in (256, 320, 448):
-        candidates = torch.stack([sampler.build(targets[g * 64:(g + 1) * 64], size, g)
-                                  for g in range(2)])
+        candidates = sampler.build(targets.view(2, 64), size, first=0)
         want = gpt(inputs, targets, loss_weights=weights, candidates=candidates)
         got = compiled(inputs, targets, docs, weights, mark_set_size_dynamic(candidates))
         torch.testing.assert_close(got, want)
     assert counter.frame_count == 3  # the trunk, the full loss, the sampled loss
 
 
+def test_groups_built_together_are_the_groups_built_one_by_one():
+    """Three groups at once, with different targets (one needing the fallback: its window
+    holds too few new ids), against each built alone from the same place: the same sets and
+    the same places after."""
+    g = torch.Generator().manual_seed(2)
+    targets = torch.stack([torch.randint(0, 500, (450,), generator=g),
+                           torch.randint(0, 20, (450,), generator=g),
+                           torch.randperm(512, generator=g)[:450]])
+    together = CandidateSampler(512, groups=4, device="cpu")
+    alone = CandidateSampler(512, groups=4, device="cpu")
+    for size in (460, 512):  # 512: the third group's window holds too few (the fallback)
+        got = together.build(targets, size, first=1)
+        want = torch.cat([alone.build(targets[i:i + 1], size, first=1 + i) for i in range(3)])
+        assert torch.equal(got, want), size
+        assert torch.equal(together.places, alone.places)
+
+
 def test_more_targets_than_candidates_is_refused():
     sampler = CandidateSampler(512, groups=1, device="cpu")
     with pytest.raises(RuntimeError, match="more distinct targets"):
-        sampler.build(torch.arange(200), 128, group=0)
+        sampler.build(torch.arange(200)[None], 128, first=0)
 
 
 def test_sampler_state_resumes_the_sweep():
     a = CandidateSampler(512, groups=2, device="cpu")
     targets = torch.randint(0, 500, (64,), generator=torch.Generator().manual_seed(1))
-    a.build(targets, 128, group=1)
+    a.build(targets[None], 128, first=1)
     b = CandidateSampler(512, groups=2, device="cpu")
     b.load_state_dict(a.state_dict())
-    assert torch.equal(a.build(targets, 128, group=1), b.build(targets, 128, group=1))
+    assert torch.equal(a.build(targets[None], 128, first=1), b.build(targets[None], 128, first=1))
