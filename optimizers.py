@@ -593,8 +593,8 @@ class Optimizers:
     def held_rows(self, held: tuple = ()) -> dict:
         """{entry: (row ids, gradient rows, ranks)} of the parameters whose gradient is kept as
         rows (``row_grads``), but those of the labels ``held``: the pairs held since their
-        last step, with several ranks every rank's (a host sync); a row's gradient is the sum
-        of its pairs / ranks (``kernels.sum_rows``)."""
+        last step, with several ranks every rank's (gathered); a row's gradient is the sum of
+        its pairs / ranks (``kernels.sum_rows``)."""
         out = {}
         for e in self._groups["adam"].entries:
             grads = getattr(e.param, "row_grads", None)
