@@ -33,7 +33,12 @@ errors). Elsewhere ``fp8`` is ignored and the matmuls run in the inputs' dtype.
 ``linear(x, weight, fp8=True)`` runs x @ weight.T and both of its backward matmuls in float8
 with one dynamic scale per tensor (e4m3 for x and the weight, e5m2 for the output's gradient).
 It is plain torch ops under torch.compile, so inductor fuses the scaling, casts and the
-transposes that the weight gradient's float8 layout needs into the neighbouring kernels.
+transposes that the weight gradient's float8 layout needs into the neighbouring kernels. A
+dynamic scale costs a pass over the tensor for its amax before the cast can start.
+``float8_relu2_mlp`` is the relu^2 MLP on that path with record #92's delayed scales for the
+hidden activation and its gradient (the previous step's amax with headroom): relu^2 (or its
+gradient), the cast, both float8 layouts and the amax in one pass, a Triton kernel
+(``relu2_cast``).
 """
 
 import math
@@ -392,6 +397,148 @@ def linear(x: Tensor, weight: Tensor, fp8: bool = False) -> Tensor:
     if use_fp8(x.reshape(-1, x.size(-1)), weight, fp8):
         return float8_linear(x, weight)
     return F.linear(x, weight.type_as(x))
+
+
+# Record #92's delayed scaling: by float8 format, the headroom over the previous step's amax, the
+# smallest scale, and the scale before any amax is known (the record's for the MLP's hidden
+# activation, e4m3, and its gradient, e5m2)
+DELAYED_SCALING = {torch.float8_e4m3fn: (1.03, 1e-6, 1.0),
+                   torch.float8_e5m2: (1.25, 1e-12, 2.0 ** -6)}
+RELU2_CAST_TILE, RELU2_CAST_WARPS = (64, 128), 8  # (rows, columns) a program
+
+
+def refresh_scale_(scale: Tensor, amax: Tensor, dtype):
+    """The next step's delayed scale: headroom x amax / the format's largest value, at least the
+    smallest scale; the previous scale kept where amax is zero (no gradient yet: the zero
+    initialised down projection's first step) or not finite (a diverged step). amax restarts
+    at zero."""
+    headroom, smallest, _ = DELAYED_SCALING[dtype]
+    fresh = (amax * (headroom / torch.finfo(dtype).max)).clamp_min(smallest)
+    scale.copy_(torch.where(amax.isfinite() & (amax > 0), fresh, scale))
+    amax.zero_()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _relu2_cast_kernel(pre_ptr, grad_ptr, q_ptr, q_t_ptr, amax_ptr, scale_ptr, M, N,
+                           GRAD: tl.constexpr, TOP: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+        """One (BLOCK_M, BLOCK_N) tile: value = relu(pre)^2, or 2 grad relu(pre) with GRAD,
+        in float32; value / scale saturated at +-TOP in q's float8 format, to q and
+        transposed to q_t; the tile's largest |value| to amax_ptr[program]."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        inside = (r[:, None] < M) & (c[None, :] < N)
+        offsets = r[:, None].to(tl.int64) * N + c[None, :]
+        relu = tl.maximum(tl.load(pre_ptr + offsets, mask=inside, other=0.0).to(tl.float32), 0.0)
+        if GRAD:
+            grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            value = 2.0 * grad * relu
+        else:
+            value = relu * relu
+        tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_n,
+                 tl.max(tl.max(tl.abs(value), axis=1), axis=0))
+        inverse = 1.0 / tl.load(scale_ptr)
+        q = tl.minimum(tl.maximum(value * inverse, -TOP), TOP).to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + offsets, q, mask=inside)
+        tl.store(q_t_ptr + c[:, None].to(tl.int64) * M + r[None, :], tl.trans(q),
+                 mask=tl.trans(inside))
+
+
+def relu2_cast_reference(pre: Tensor, grad: Tensor, scale: Tensor, dtype
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``relu2_cast`` computes, by PyTorch ops: value = relu(pre)^2, or with a gradient
+    (not empty) at relu^2's output 2 grad relu(pre), its gradient at pre, in float32; value /
+    scale in float8 ``dtype``, saturated at the format's largest value; that copy transposed;
+    the largest |value|."""
+    relu = F.relu(pre.float())
+    value = 2.0 * grad.float() * relu if grad.numel() else relu * relu
+    top = torch.finfo(dtype).max
+    q = (value * (1.0 / scale)).clamp(-top, top).to(dtype)
+    return q, q.t().contiguous(), value.abs().amax()
+
+
+def kernel_relu2_cast(pre: Tensor, grad: Tensor, scale: Tensor, dtype
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton kernel behind ``relu2_cast`` (on any device under TRITON_INTERPRET=1)."""
+    (M, N), (bm, bn) = pre.shape, RELU2_CAST_TILE
+    q = pre.new_empty(M, N, dtype=dtype)
+    q_t = pre.new_empty(N, M, dtype=dtype)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    amax = pre.new_empty(grid[0] * grid[1], dtype=torch.float32)  # a tile's largest |value|
+    _relu2_cast_kernel[grid](pre, grad if grad.numel() else pre, q, q_t, amax, scale, M, N,
+                             GRAD=grad.numel() > 0, TOP=torch.finfo(dtype).max, BLOCK_M=bm,
+                             BLOCK_N=bn, num_warps=RELU2_CAST_WARPS)
+    return q, q_t, amax.amax()
+
+
+@torch.library.custom_op("speedrun::relu2_cast", mutates_args=())
+def _relu2_cast(pre: Tensor, grad: Tensor, scale: Tensor, e5m2: bool
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """``relu2_cast_reference``'s outputs in e4m3 (or e5m2): the Triton kernel on CUDA, the
+    reference elsewhere."""
+    dtype = torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn
+    if not pre.is_cuda or triton is None:
+        return relu2_cast_reference(pre, grad, scale, dtype)
+    return kernel_relu2_cast(pre.contiguous(), grad.contiguous(), scale, dtype)
+
+
+@_relu2_cast.register_fake
+def _(pre, grad, scale, e5m2):
+    dtype = torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn
+    return (pre.new_empty(pre.shape, dtype=dtype), pre.new_empty(pre.shape[::-1], dtype=dtype),
+            scale.new_empty(()))
+
+
+class _Float8Relu2MLP(torch.autograd.Function):
+    """relu(x @ fc.T)^2 @ proj.T for a 2-D x, its six matmuls in float8 (as ``linear``'s, with
+    dynamic scales for x, the weights and the output's gradient) but for the hidden activation
+    post and its gradient at pre, cast at the delayed scales given by ``relu2_cast`` in one
+    pass each; their amax buffers take the running largest |value|."""
+
+    @staticmethod
+    def forward(ctx, x, fc, proj, post_scale, post_amax, grad_scale, grad_amax):
+        (x8, x_scale), (fc8, fc_scale), (proj8, proj_scale) = map(to_float8, (x, fc, proj))
+        pre = torch._scaled_mm(x8, fc8.t(), scale_a=x_scale, scale_b=fc_scale,
+                               out_dtype=x.dtype, use_fast_accum=True)
+        post8, post8_t, amax = _relu2_cast(pre, pre.new_empty(0), post_scale, False)
+        post_amax.copy_(torch.maximum(post_amax, amax))
+        ctx.save_for_backward(x8, x_scale, fc8, fc_scale, proj8, proj_scale, pre, post8_t,
+                              post_scale, grad_scale, grad_amax)
+        ctx.weight_dtype = fc.dtype
+        return torch._scaled_mm(post8, proj8.t(), scale_a=post_scale, scale_b=proj_scale,
+                                out_dtype=x.dtype, use_fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x8, x_scale, fc8, fc_scale, proj8, proj_scale, pre, post8_t, post_scale, grad_scale,
+         grad_amax) = ctx.saved_tensors
+        g8, g_scale = to_float8(grad.contiguous(), torch.float8_e5m2)
+        # both operands K-major: the small ones transposed by inductor's copies, the hidden
+        # ones written in both layouts by the cast kernel
+        grad_proj = torch._scaled_mm(g8.t().contiguous(), post8_t.t(), scale_a=g_scale,
+                                     scale_b=post_scale, out_dtype=ctx.weight_dtype)
+        grad_post = torch._scaled_mm(g8, proj8.t().contiguous().t(), scale_a=g_scale,
+                                     scale_b=proj_scale, out_dtype=grad.dtype)
+        dpre8, dpre8_t, amax = _relu2_cast(pre, grad_post, grad_scale, True)
+        grad_amax.copy_(torch.maximum(grad_amax, amax))
+        grad_x = torch._scaled_mm(dpre8, fc8.t().contiguous().t(), scale_a=grad_scale,
+                                  scale_b=fc_scale, out_dtype=grad.dtype)
+        grad_fc = torch._scaled_mm(dpre8_t, x8.t().contiguous().t(), scale_a=grad_scale,
+                                   scale_b=x_scale, out_dtype=ctx.weight_dtype)
+        return grad_x, grad_fc, grad_proj, None, None, None, None
+
+
+def float8_relu2_mlp(x: Tensor, fc: Tensor, proj: Tensor, post: tuple, grad: tuple) -> Tensor:
+    """relu(x @ fc.T)^2 @ proj.T for x (..., D) through ``_Float8Relu2MLP`` on any device
+    (torch._scaled_mm runs on the CPU too); ``post`` and ``grad``: the (scale, amax) float32
+    scalar buffers of the hidden activation's and its gradient's delayed scales (moved on by
+    ``refresh_scale_``)."""
+    rows = x.reshape(-1, x.size(-1))
+    out = _Float8Relu2MLP.apply(rows, fc, proj, *post, *grad)
+    return out.view(*x.shape[:-1], proj.size(0))
 
 
 # Record #89's MLP (#306, #342): relu(x @ fc.T)^2 @ proj.T with both forward matmuls in float8,

@@ -130,6 +130,10 @@ class GPTConfig:
     # the attention layers' Q, K, V and output projections in float8 there too (kernels.linear,
     # as fp8_mlp's; record #92 runs its QKV in float8)
     fp8_attn: bool = False
+    # relu2 with fp8_mlp (not fused_mlp): the hidden activation and its gradient cast at
+    # record #92's delayed scales (the previous step's amax with headroom) by one kernel each
+    # (kernels.float8_relu2_mlp), no amax pass over them
+    fp8_delayed_scales: bool = False
 
     def __post_init__(self):
         check_ranges("model_config", self,
@@ -265,9 +269,11 @@ class Block(nn.Module):
                 v_dim=config.head_dim // 2 if half_vo else 0)
         self.mlp = self.mlp2 = None
         if layer not in config.removed_layers:
-            self.mlp = MLP(config, proj_lr_mul=config.mlp_proj_lr_mul, fused=config.fused_mlp)
+            self.mlp = MLP(config, proj_lr_mul=config.mlp_proj_lr_mul, fused=config.fused_mlp,
+                           delayed=config.fp8_delayed_scales)
         if layer in config.parallel_mlp_layers:
-            self.mlp2 = MLP(config, proj_lr_mul=config.mlp_proj_lr_mul, fused=config.fused_mlp)
+            self.mlp2 = MLP(config, proj_lr_mul=config.mlp_proj_lr_mul, fused=config.fused_mlp,
+                            delayed=config.fp8_delayed_scales)
         if layer != config.num_layers - 1:  # the last layer's are its dense connections
             self.residual = make_param(torch.full((2,), config.residual_init), "resid_lambda",
                                        wd_mul=0.0)

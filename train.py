@@ -339,6 +339,7 @@ class TrainingManager:
         plan = self.schedule.at(self.step)
         self.apply(plan)
         loss = self.accumulate(plan)
+        self.model.refresh_float8_scales()
         self.optimizer_step(plan)
         self.step += 1
         return self.world.all_reduce_mean(loss)

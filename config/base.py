@@ -76,6 +76,10 @@ model_config = dict(
     # in the up projection's epilogue, the hidden activation's scale from the previous call,
     # bf16 backward)
     fused_mlp=False,
+    # relu2 with fp8_mlp, not fused_mlp: the hidden activation and its gradient cast at record
+    # #92's delayed scales (the previous step's amax with headroom) by one kernel each
+    # (kernels.float8_relu2_mlp), without the amax passes over them (README, Speed)
+    fp8_delayed_scales=True,
     init_std=0.5,
     lm_head_init_std=0.005,
     mlp_proj_lr_mul=4.0,  # the record's c_proj: a shape factor of 2 and its own 2

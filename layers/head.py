@@ -2,7 +2,7 @@
 record #89's schedule also the tokens after it, multi-token prediction, and the next token's
 prefix token, #337, each with its weight from the stage table), and ``SpeedrunLM``, what both
 GPTs (record #89's and #55's) share from their final hidden states on: the loss op, the
-logits, the dtype plan and the embedding tie's state."""
+logits, the dtype plan, the embedding tie's state and the delayed float8 scales' step."""
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import kernels
 from layers.masks import document_ids
+from layers.mlp import MLP
 from layers.sampled import sampled_loss
 
 
@@ -45,6 +46,13 @@ class SpeedrunLM(nn.Module):
 
     def set_extra_state(self, state):
         self.tie.tied = state["tied"]
+
+    def refresh_float8_scales(self):
+        """The MLPs' delayed float8 scales for the next step (``MLP.refresh_scales``): the
+        trainer's, once a step after its last backward pass."""
+        for module in self.modules():
+            if isinstance(module, MLP) and module.delayed:
+                module.refresh_scales()
 
     def forward(self, inputs: Tensor, targets: Tensor | None = None, docs: Tensor | None = None,
                 loss_weights: Tensor | None = None, candidates: Tensor | None = None):

@@ -119,9 +119,12 @@ def test_transpose_on_gpu():
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_float8_mlp_on_gpu(compiled):
+@pytest.mark.parametrize("delayed", [False, True])
+def test_float8_mlp_on_gpu(compiled, delayed):
     """The MLP's float8 matmuls (kernels.linear), eager and under torch.compile (where inductor
-    lays out the transposed operands), against the same MLP in float32."""
+    lays out the transposed operands), against the same MLP in float32; with ``delayed``,
+    kernels.float8_relu2_mlp, the hidden activation and its gradient at the scales a first
+    call's amax gives (record #92's delayed scaling)."""
     import kernels
 
     torch.manual_seed(0)
@@ -130,13 +133,23 @@ def test_float8_mlp_on_gpu(compiled):
     proj = (torch.randn(768, 3072, device="cuda") * 0.02).requires_grad_()
     out_grad = torch.randn(4096, 768, device="cuda").bfloat16()
     assert kernels.use_fp8(x, fc, True) and kernels.use_fp8(x, proj, True)
+    post, grad = ((torch.ones((), device="cuda"), torch.zeros((), device="cuda"))
+                  for _ in range(2))
 
     def mlp(x, fc, proj, fp8):
+        if delayed and fp8:
+            return kernels.float8_relu2_mlp(x, fc, proj, post, grad)
         return kernels.linear(torch.relu(kernels.linear(x, fc, fp8)).square(), proj, fp8)
 
     run = torch.compile(mlp, fullgraph=True) if compiled else mlp
-    out = run(x, fc, proj, True)
-    out.backward(out_grad)
+    for _ in range(2 if delayed else 1):  # a first call for the delayed scales' amax
+        x.grad = fc.grad = proj.grad = None
+        out = run(x, fc, proj, True)
+        out.backward(out_grad)
+        if delayed:
+            assert post[1] > 0 and grad[1] > 0
+            kernels.refresh_scale_(*post, torch.float8_e4m3fn)
+            kernels.refresh_scale_(*grad, torch.float8_e5m2)
     got = out.float(), x.grad.float(), fc.grad, proj.grad
     assert fc.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
     x.grad = fc.grad = proj.grad = None
@@ -146,6 +159,30 @@ def test_float8_mlp_on_gpu(compiled):
         error = ((a - b).norm() / b.norm()).item()
         print(f"compiled={compiled} {name}: relative error {error:.4f}")
         assert 1e-3 < error < 0.1, name
+
+
+def test_relu2_cast_kernel_on_gpu():
+    """The float8 MLP's activation cast (kernels.relu2_cast's Triton kernel) against its
+    PyTorch reference at a record #92 micro-batch's hidden size: relu^2 in e4m3 and its
+    gradient at pre in e5m2, each with some values saturating; both layouts, the amax."""
+    import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pre = torch.randn(16384, 2816, device="cuda", generator=g).bfloat16()
+    grad = (torch.randn(16384, 2816, device="cuda", generator=g) * 1e-3).bfloat16()
+    for dtype, gradient, scale in ((torch.float8_e4m3fn, pre.new_empty(0), 0.02),
+                                   (torch.float8_e5m2, grad, 1e-7)):
+        scale = torch.tensor(scale, device="cuda")
+        q, q_t, amax = kernels.kernel_relu2_cast(pre, gradient, scale, dtype)
+        want, _, want_amax = kernels.relu2_cast_reference(pre, gradient, scale, dtype)
+        assert (want.float().abs() == torch.finfo(dtype).max).any()
+        assert torch.equal(q_t.view(torch.uint8), q.t().contiguous().view(torch.uint8))
+        assert amax.item() == want_amax.item()
+        off = (q.view(torch.uint8) != want.view(torch.uint8)).float().mean().item()
+        print(f"{dtype}: {off:.2e} of the elements one rounding from the reference's")
+        assert off < 1e-4
+        step = 2.0 ** -(3 if dtype == torch.float8_e4m3fn else 2)
+        torch.testing.assert_close(q.float(), want.float(), rtol=step, atol=0)
 
 
 @pytest.mark.parametrize("method", ["normuon", "anvil"])
@@ -469,19 +506,21 @@ def test_record92_parity_in_bf16_on_gpu(monkeypatch):
 
 def test_row_gradients_compiled_on_gpu(tiny_model_config):
     """The n-gram table's gradient kept as rows, the model compiled by inductor on the GPU: two
-    micro-batches' rows summed per row against the eager CUDA model's dense gradient, with no
-    recompile for the second micro-batch's slots."""
+    micro-batches' rows summed per row against the dense gradient of the same model compiled
+    (bf16 activations: against the eager model the difference is some 2%, inductor's
+    arithmetic, which would hide a lost row), with no recompile for the second micro-batch's
+    slots."""
     config = dict(tiny_model_config, block_size=128, model_dim=128, num_heads=2, head_dim=64,
                   ngram_table=True)
     torch.manual_seed(0)
     dense = make_gpt(config).cuda()
     rows = copy.deepcopy(dense)
     held = rows.bigram.row_gradients(2 * 2 * 2048)
-    forward = rows.compiled_forward()
+    dense_forward, forward = dense.compiled_forward(), rows.compiled_forward()
     for seed in (0, 1):
         x, y = (t.cuda() for t in packed_tokens(2048, seed))
         docs = document_ids(x)
-        dense(x, y, docs).backward()
+        dense_forward(x, y, docs).backward()
         held.append(x)
         with torch._dynamo.config.patch(error_on_recompile=seed > 0):
             forward(x, y, docs).backward()
@@ -490,7 +529,7 @@ def test_row_gradients_compiled_on_gpu(tiny_model_config):
                                                             held.grads[:held.used])
     error = ((summed - dense.bigram.table.grad).norm() / dense.bigram.table.grad.norm()).item()
     print(f"row gradients against the dense gradient: {error:.2e}")
-    assert error < 2e-2  # bf16 activations, two compiled graphs against eager
+    assert error < 1e-2  # the rows' bf16 rounding and the order of their sums
 
 
 def test_adam_rows_kernel_on_gpu():

@@ -289,6 +289,129 @@ def test_float8_linear_traces_whole_under_compile():
         torch.testing.assert_close(traced, eager, rtol=0, atol=0)
 
 
+def delayed_pair(scale):
+    return torch.tensor(float(scale)), torch.zeros(())
+
+
+def at_scale(value, scale, dtype):
+    """value cast to float8 at a given scale, saturating, and back."""
+    top = torch.finfo(dtype).max
+    return (value * (1.0 / torch.tensor(scale))).clamp(-top, top).to(dtype).float() * scale
+
+
+def relu2_mlp_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 48, generator=g).requires_grad_()
+    fc = (torch.randn(96, 48, generator=g) * 0.3).requires_grad_()
+    proj = (torch.randn(48, 96, generator=g) * 0.1).requires_grad_()
+    return x, fc, proj, [torch.randn(64, 48, generator=g) * 1e-2 for _ in range(2)]
+
+
+def test_float8_relu2_mlp_is_the_matmuls_of_its_quantized_operands():
+    """kernels.float8_relu2_mlp (the reference cast on the CPU) equals float32 matmuls of
+    dequantized operands: x, the weights and the output's gradient at dynamic scales, the
+    hidden activation and its gradient at pre at the delayed scales given, saturating where
+    those fall short; the amax buffers take the largest |value| over the calls; the scales
+    stay (refresh_scale_ moves them)."""
+    x, fc, proj, out_grads = relu2_mlp_inputs()
+    post, grad = delayed_pair(0.004), delayed_pair(2.0 ** -19)
+    x_q, fc_q, proj_q = (dequantized(t.detach()) for t in (x, fc, proj))
+    pre = x_q @ fc_q.t()
+    post_q = at_scale(pre.relu().square(), 0.004, torch.float8_e4m3fn)
+    assert (pre.relu().square() > 448 * 0.004).any()  # some of post saturates
+    dpre_seen = []
+    for out_grad in out_grads:
+        x.grad = fc.grad = proj.grad = None
+        out = kernels.float8_relu2_mlp(x, fc, proj, post, grad)
+        out.backward(out_grad)
+        g_q = dequantized(out_grad, torch.float8_e5m2)
+        dpre = 2 * (g_q @ proj_q) * pre.relu()
+        dpre_seen.append(dpre.abs().max())
+        dpre_q = at_scale(dpre, 2.0 ** -19, torch.float8_e5m2)
+        torch.testing.assert_close(out, post_q @ proj_q.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(proj.grad, g_q.t() @ post_q, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(fc.grad, dpre_q.t() @ x_q, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(x.grad, dpre_q @ fc_q, rtol=1e-5, atol=1e-7)
+    assert (dpre_seen[0] > 57344 * 2.0 ** -19) or (dpre_seen[1] > 57344 * 2.0 ** -19)
+    torch.testing.assert_close(post[1], pre.relu().square().max(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad[1], max(dpre_seen), rtol=1e-6, atol=0)
+    assert post[0] == 0.004 and grad[0] == 2.0 ** -19
+
+
+def test_float8_relu2_mlp_traces_whole_under_compile():
+    """dynamo traces the MLP, its amax buffers' updates in the forward and the backward pass
+    included, in one graph: the same outputs, gradients and buffers as eager."""
+    x, fc, proj, _ = relu2_mlp_inputs()
+    compiled = torch.compile(kernels.float8_relu2_mlp, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (kernels.float8_relu2_mlp, compiled):
+        post, grad = delayed_pair(0.01), delayed_pair(2.0 ** -10)
+        for scale in (1.0, 3.0):  # two calls: the amax is a running max
+            out = fn(x * scale, fc, proj, post, grad)
+            results.append((out, *torch.autograd.grad(out.square().sum(), (x, fc, proj))))
+        results.append((*post, *grad))
+    half = len(results) // 2
+    for eager, traced in zip(results[:half], results[half:], strict=True):
+        for a, b in zip(eager, traced, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert all(t > 0 for t in results[-1][1::2])
+
+
+RELU2_CAST_CHECK = textwrap.dedent("""
+    import torch, kernels
+    g = torch.Generator().manual_seed(0)
+    # 70 x 200: ragged against the (64, 128) tile
+    pre = torch.randn(70, 200, generator=g).bfloat16()
+    grad = (torch.randn(70, 200, generator=g) * 1e-3).bfloat16()
+    for dtype, gradient, scale in ((torch.float8_e4m3fn, pre.new_empty(0), 0.01),
+                                   (torch.float8_e5m2, grad, 1e-7)):
+        scale = torch.tensor(scale)
+        q, q_t, amax = kernels.kernel_relu2_cast(pre, gradient, scale, dtype)
+        want, want_t, want_amax = kernels.relu2_cast_reference(pre, gradient, scale, dtype)
+        assert q.dtype == q_t.dtype == dtype and q.shape == (70, 200) and q_t.shape == (200, 70)
+        assert (want.float().abs() == torch.finfo(dtype).max).any()  # saturation is tested
+        assert torch.equal(q_t.view(torch.uint8), q.t().contiguous().view(torch.uint8))
+        assert amax.item() == want_amax.item()
+        # the interpreter's float8 conversion is not the GPU's: it can drop the carry into the
+        # next power of two (124.8 / 1 -> 64, not 128), round ties up and flush subnormals;
+        # so most elements equal the reference's, the normal ones all within a factor of 2
+        # (tests/test_gpu.py: exact but for rare rounding flips)
+        same = (q.float() == want.float()).float().mean().item()
+        print(dtype, "share of elements equal to the reference's:", same)
+        assert same > 0.95
+        normal = want.float().abs() >= torch.finfo(dtype).smallest_normal
+        ratio = q.float()[normal] / want.float()[normal]
+        assert ((ratio >= 0.5) & (ratio <= 2.0)).all()
+    print("relu2 cast matches its reference")
+""")
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+def test_triton_relu2_cast_matches_reference_in_interpreter():
+    """The float8 MLP's activation cast kernel (relu^2 forward in e4m3, its gradient at pre in
+    e5m2) against ``relu2_cast_reference``: values, saturation, both layouts, the amax."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", RELU2_CAST_CHECK], capture_output=True,
+                            text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "relu2 cast matches its reference" in result.stdout
+    print(result.stdout)
+
+
+def test_refresh_scale_moves_on_from_the_steps_amax():
+    """headroom x amax / the format's largest value, not below the smallest scale; the old
+    scale kept for a zero or non-finite amax; amax back to zero."""
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        headroom, smallest, _ = kernels.DELAYED_SCALING[dtype]
+        top = torch.finfo(dtype).max
+        for amax, want in ((3.0, 3.0 * headroom / top), (1e-30, smallest), (0.0, 0.5),
+                           (float("nan"), 0.5), (float("inf"), 0.5)):
+            scale, running = torch.tensor(0.5), torch.tensor(amax)
+            kernels.refresh_scale_(scale, running, dtype)
+            assert scale.item() == pytest.approx(want, rel=1e-6), (dtype, amax)
+            assert running.item() == 0.0
+
+
 def test_linear_falls_back_where_float8_is_unsupported():
     x = torch.randn(3, 16, 32)
     weight = torch.randn(64, 32)

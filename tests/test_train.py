@@ -316,6 +316,68 @@ def test_resume_equals_uninterrupted(config, tmp_path, adam_every):
     assert losses_of(resumed, 9) == expected[5:]
 
 
+def test_delayed_float8_scales_move_once_a_step_and_resume_exactly(config, tmp_path,
+                                                                     monkeypatch):
+    """model_config.fp8_delayed_scales, kernels.float8_relu2_mlp forced on the CPU
+    (torch._scaled_mm runs there): after each step every MLP's hidden-activation scale is 1.03
+    times the largest relu(x @ fc.T)^2 of that step's micro-batches / 448, its gradient's 1.25
+    times the largest gradient at pre / 57344 (the first step keeps the initial scale: the
+    zero-initialised down projection passes no gradient); the scales change the losses, and a
+    resumed run goes on with them exactly."""
+    import kernels
+
+    def dequantized(t, dtype=torch.float8_e4m3fn):
+        t8, scale = kernels.to_float8(t.detach().reshape(-1, t.size(-1)), dtype)
+        return t8.float() * scale
+
+    monkeypatch.setattr(kernels, "use_fp8", lambda hidden, weight, fp8: fp8)
+    monkeypatch.setattr(kernels, "use_relu2_mlp", lambda x, fc, proj: True)
+    seen = {}  # (weight, kind) -> largest |value| of the step
+    float8_relu2_mlp = kernels.float8_relu2_mlp
+
+    def keep(key, value):
+        seen[key] = max(seen.get(key, 0.0), value)
+
+    def watched(x, fc, proj, post, grad):
+        out = float8_relu2_mlp(x, fc, proj, post, grad)
+        pre = dequantized(x) @ dequantized(fc).t()
+        keep((fc, "post"), pre.relu().square().max().item())
+        if out.requires_grad:
+            out.register_hook(lambda g: keep((fc, "grad"), (2 * (
+                dequantized(g, torch.float8_e5m2) @ dequantized(proj)) * pre.relu()).abs()
+                .max().item()))
+        return out
+
+    monkeypatch.setattr(kernels, "float8_relu2_mlp", watched)
+    config["model_config"].update(fp8_mlp=True, fp8_lm_head=False, fp8_attn=False,
+                                  fp8_delayed_scales=False)
+    dynamic = losses_of(manager_for(config, tmp_path), 4)
+    config["model_config"]["fp8_delayed_scales"] = True
+    manager = manager_for(config, tmp_path)
+    mlps = [m for m in manager.model.modules() if getattr(m, "delayed", False)]
+    assert len(mlps) == sum(b.mlp is not None for b in manager.model.blocks) > 0
+    losses = []
+    for step in range(4):
+        seen.clear()
+        losses.append(manager.train_step().item())
+        for mlp in mlps:
+            post = seen[mlp.fc, "post"] * 1.03 / 448
+            assert mlp.post_scale.item() == pytest.approx(post, rel=1e-4)
+            grad = seen[mlp.fc, "grad"]
+            assert grad > 0 or step == 0
+            want = 2.0 ** -6 if step == 0 else grad * 1.25 / 57344
+            assert mlp.grad_scale.item() == pytest.approx(want, rel=1e-4)
+            assert mlp.post_amax.item() == mlp.grad_amax.item() == 0.0
+    assert losses != dynamic and losses[0] == pytest.approx(dynamic[0], rel=0.05)
+    expected = losses + losses_of(manager, 3)
+    first = manager_for(config, tmp_path)
+    losses_of(first, 4)
+    path = first.save_checkpoint(tmp_path / "ckpt" / "mid.pt")
+    resumed = manager_for(config, tmp_path)
+    resumed.load_checkpoint(path)
+    assert losses_of(resumed, 3) == expected[4:]
+
+
 def test_tables_step_at_their_own_pace_and_resume_exactly(config, tmp_path):
     """schedule.table_adam_every: from step 4 the embedding tables move only on steps 3 mod 4,
     the other Adam parameters on every odd step; a checkpoint at step 5 holds the tables' two
