@@ -252,6 +252,10 @@ class TrainingManager:
         self.tc: TrainingConfig = config.training
         self.schedule: Schedule = config.schedule
         self.device = device
+        # read a step's loss only once the next step is queued: on CUDA, whose device runs
+        # behind the host; the CPU computes as it is asked, and there reading late would only
+        # move each step's time onto the step before it
+        self.read_late = device.kind == "cuda"
         self.world = world or World()
         self.logger = logger
         seed_everything(self.tc.seed)
@@ -609,9 +613,10 @@ class TrainingManager:
         started = time.perf_counter()
         with Signals(enabled=not self.world.distributed) as signals:
             try:
-                # A step's loss is read once the next step is queued (``pending``), so that the
-                # device never waits for the host between steps; a pause (checkpoint,
-                # validation, the end) reads it at once and waits for the device.
+                # With ``read_late`` a step's loss is read once the next step is queued
+                # (``pending``), so that the device never waits for the host between steps; a
+                # pause (checkpoint, validation, the end) reads it at once and waits for the
+                # device.
                 pending, self._mark = None, time.perf_counter()
                 while self.step < stop and signals.received is None:
                     loss = self.train_step()
@@ -619,15 +624,18 @@ class TrainingManager:
                         self.tail_ships.tick(self.step - 1)
                     if pending is not None:
                         self.finish_step(*pending)
-                    pending = (self.step, loss)
+                        pending = None
                     checkpoint = (self.tc.checkpoint_every
                                   and self.step % self.tc.checkpoint_every == 0)
                     validation = (every and self.step % every == 0 and self.step < stop
                                   and signals.received is None)
-                    if not (checkpoint or validation):
+                    pause = bool(checkpoint or validation)
+                    if self.read_late and not pause:
+                        pending = (self.step, loss)
                         continue
-                    self.finish_step(*pending, pause=True)
-                    pending = None
+                    self.finish_step(self.step, loss, pause=pause)
+                    if not pause:
+                        continue
                     if checkpoint:
                         log(f"checkpoint written: {self.write_checkpoint()}")
                     if validation:
