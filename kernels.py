@@ -1,6 +1,7 @@
 """Fused and float8 ops, each with the plain PyTorch it must equal: the lm_head and its
-softcapped cross-entropy as one op, a float8 linear layer for the MLP, record #89's relu^2
-MLP (``relu2_mlp``, its two Triton kernels) and record #92's row-wise Adam of the n-gram table
+softcapped cross-entropy as one op, a float8 linear layer, the float8 relu^2 MLP at record
+#92's delayed scales (``float8_relu2_mlp``, its Triton cast kernel), record #89's relu^2 MLP
+(``relu2_mlp``, its two Triton kernels) and record #92's row-wise Adam of the n-gram table
 (``adam_rows_``, its Triton kernel at the end of this file).
 
 The speedrun's loss takes (T, V) logits = hidden @ W.T, softcaps them and takes the
