@@ -94,6 +94,17 @@ def losses_of(manager, steps):
     return [manager.train_step().item() for _ in range(steps)]
 
 
+def resumed_losses(config, tmp_path, at, steps):
+    """The losses of ``steps`` steps of a fresh manager resumed from a checkpoint that another
+    wrote after ``at`` steps."""
+    first = manager_for(config, tmp_path)
+    losses_of(first, at)
+    path = first.save_checkpoint(tmp_path / "ckpt" / "mid.pt")
+    resumed = manager_for(config, tmp_path)
+    resumed.load_checkpoint(path)
+    return losses_of(resumed, steps)
+
+
 # -- schedule --------------------------------------------------------------------------------
 
 
@@ -369,13 +380,7 @@ def test_delayed_float8_scales_move_once_a_step_and_resume_exactly(config, tmp_p
             assert mlp.grad_scale.item() == pytest.approx(want, rel=1e-4)
             assert mlp.post_amax.item() == mlp.grad_amax.item() == 0.0
     assert losses != dynamic and losses[0] == pytest.approx(dynamic[0], rel=0.05)
-    expected = losses + losses_of(manager, 3)
-    first = manager_for(config, tmp_path)
-    losses_of(first, 4)
-    path = first.save_checkpoint(tmp_path / "ckpt" / "mid.pt")
-    resumed = manager_for(config, tmp_path)
-    resumed.load_checkpoint(path)
-    assert losses_of(resumed, 3) == expected[4:]
+    assert resumed_losses(config, tmp_path, 4, 3) == losses_of(manager, 3)
 
 
 def test_tables_step_at_their_own_pace_and_resume_exactly(config, tmp_path):
@@ -399,12 +404,7 @@ def test_tables_step_at_their_own_pace_and_resume_exactly(config, tmp_path):
         head_moved.append(not torch.equal(head, head_before))
     assert [s for s in range(14) if moved[s]] == [1, 3, 7, 11]
     assert [s for s in range(14) if head_moved[s]] == [1, 3, 5, 7, 9, 11, 13]
-    first = manager_for(config, tmp_path)
-    losses_of(first, 5)
-    path = first.save_checkpoint(tmp_path / "ckpt" / "mid.pt")
-    resumed = manager_for(config, tmp_path)
-    resumed.load_checkpoint(path)
-    assert losses_of(resumed, 9) == expected[5:]
+    assert resumed_losses(config, tmp_path, 5, 9) == expected[5:]
 
 
 @pytest.mark.parametrize("adam_every", [1, 2])
