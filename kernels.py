@@ -1,8 +1,8 @@
 """Fused and float8 ops, each with the plain PyTorch it must equal: the lm_head and its
 softcapped cross-entropy as one op, a float8 linear layer, the float8 relu^2 MLP at record
-#92's delayed scales (``float8_relu2_mlp``, its Triton cast kernel), record #89's relu^2 MLP
-(``relu2_mlp``, its two Triton kernels) and record #92's row-wise Adam of the n-gram table
-(``adam_rows_``, its Triton kernel at the end of this file).
+#92's delayed scales (``float8_relu2_mlp``, its Triton cast kernel) and record #89's relu^2 MLP
+(``relu2_mlp``, its two Triton kernels). The n-gram table's row-wise Adam kernel is with the
+optimizer's arithmetic (``updates.adam_rows_``).
 
 The speedrun's loss takes (T, V) logits = hidden @ W.T, softcaps them and takes the
 cross-entropy in float32. Left to autograd that keeps the logits for the backward pass and then
@@ -723,101 +723,3 @@ def relu2_mlp(x: Tensor, fc: Tensor, proj: Tensor, act_scale: Tensor) -> tuple[T
     out, amax = _Relu2MLP.apply(rows, fc, proj, act_scale)
     next_scale = amax.clamp_min(1e-12) * (MLP_ACT_HEADROOM / E4M3_MAX)
     return out.view(*x.shape[:-1], proj.size(0)), next_scale
-
-
-# The n-gram table's row-wise Adam (record #92) from the (row id, gradient row) pairs held since
-# its last step: the reference sums the pairs per row with unique + index_add (a float32 copy
-# of every pair, then gathers and scatters of the rows' weights, each a pass over gigabytes);
-# the kernel sorts the ids and lets one program sum a row's pairs and move that row, reading
-# each pair and the row once.
-def sum_rows(ids: Tensor, grads: Tensor, ranks: int = 1) -> tuple[Tensor, Tensor]:
-    """The distinct row ids (sorted) and, in float32, the sum of each one's gradient rows
-    divided by ``ranks`` (the mean over the ranks that gathered them)."""
-    rows, inverse = torch.unique(ids, return_inverse=True)
-    summed = torch.zeros(rows.numel(), grads.size(1), dtype=torch.float32, device=grads.device)
-    summed.index_add_(0, inverse, grads.float())
-    if ranks > 1:  # in place: the rows are gigabytes
-        summed /= ranks
-    return rows, summed
-
-
-def adam_rows_reference_(p: Tensor, ids: Tensor, grads: Tensor, exp_avg_sq: Tensor,
-                         beta2: float, eps: float, step_size: float, decay: float,
-                         ranks: int = 1) -> None:
-    """Row-wise Adam (no momentum, one second moment a row: the mean of the row's squared
-    gradients) of a parameter whose gradient is zero but on the rows in ``ids``, where it is
-    the sum of their ``grads`` over ``ranks``: every row's second moment decays, only the
-    rows with gradient move (cautious decay included), in float32 and rounded to the weights'
-    dtype once. The dense update's numbers (``updates.adam_update_``, which rounds bf16 weights'
-    decay term to bf16 on the way)."""
-    rows, grad = sum_rows(ids, grads, ranks)
-    exp_avg_sq.mul_(beta2).index_add_(0, rows, grad.square().mean(-1, keepdim=True),
-                                      alpha=1 - beta2)
-    update = grad.div(exp_avg_sq[rows].sqrt().add_(eps)).mul_(step_size)
-    old = p[rows].float()
-    update.add_(old * ((update * old) > 0) * decay)
-    p.index_copy_(0, rows, (old - update).to(p.dtype))
-
-
-def adam_rows_(p: Tensor, ids: Tensor, grads: Tensor, exp_avg_sq: Tensor, beta2: float,
-               eps: float, step_size: float, decay: float, ranks: int = 1) -> None:
-    """``adam_rows_reference_``; on CUDA by the Triton kernel."""
-    if p.is_cuda and triton is not None:
-        kernel_adam_rows_(p, ids, grads, exp_avg_sq, beta2, eps, step_size, decay, ranks)
-    else:
-        adam_rows_reference_(p, ids, grads, exp_avg_sq, beta2, eps, step_size, decay, ranks)
-
-
-def kernel_adam_rows_(p: Tensor, ids: Tensor, grads: Tensor, exp_avg_sq: Tensor, beta2: float,
-                      eps: float, step_size: float, decay: float, ranks: int = 1) -> None:
-    """The Triton kernel behind ``adam_rows_`` (on any device under TRITON_INTERPRET=1). The
-    ids are sorted (stably: each row's pairs in the order they were held) and each pair given
-    the end of its row's run by a search, so no size depends on the data: no host sync. A
-    program a pair; the first pair of each row does that row's work."""
-    if p.dim() != 2 or p.stride(1) != 1 or grads.stride(1) != 1:
-        raise ValueError("adam_rows_ takes row-major 2-D weights and gradient rows")
-    sorted_ids, order = torch.sort(ids, stable=True)
-    ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)
-    exp_avg_sq.mul_(beta2)
-    _adam_rows_kernel[(ids.numel(),)](
-        p, exp_avg_sq, grads, order, sorted_ids, ends, p.size(1), p.stride(0), grads.stride(0),
-        1 - beta2, eps, step_size, decay, float(ranks), BLOCK_P=ROWS_BLOCK_PAIRS,
-        BLOCK_D=triton.next_power_of_2(p.size(1)), num_warps=8)
-
-
-ROWS_BLOCK_PAIRS = 8  # pairs of a row summed per iteration (a frequent n-gram has thousands)
-
-if triton is not None:
-
-    @triton.jit
-    def _adam_rows_kernel(p_ptr, v_ptr, g_ptr, order_ptr, sorted_ptr, ends_ptr, D, p_stride,
-                          g_stride, one_minus_beta2, eps, step_size, decay, ranks,
-                          BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Pair i of the sorted ids; if it is its row's first: the sum of the row's pairs'
-        gradients (``order[i:ends[i]]``, BLOCK_P at a time) / ranks in float32, the row's
-        (already decayed) second moment plus (1 - beta2) times their mean square, then the
-        cautious Adam update of its weights."""
-        i = tl.program_id(0)
-        row = tl.load(sorted_ptr + i)
-        previous = tl.load(sorted_ptr + i - 1, mask=i > 0, other=-1)
-        if row != previous:
-            end = tl.load(ends_ptr + i)
-            cols = tl.arange(0, BLOCK_D)
-            mask = cols < D
-            offsets = tl.arange(0, BLOCK_P)
-            grad = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for first in range(i, end, BLOCK_P):
-                held = first + offsets < end
-                pairs = tl.load(order_ptr + first + offsets, mask=held, other=0)
-                block = tl.load(g_ptr + pairs[:, None] * g_stride + cols[None, :],
-                                mask=held[:, None] & mask[None, :], other=0.0)
-                grad += tl.sum(block.to(tl.float32), axis=0)
-            if ranks > 1.0:
-                grad = tl.div_rn(grad, ranks)
-            v = tl.load(v_ptr + row) + one_minus_beta2 * (tl.sum(grad * grad) / D)
-            tl.store(v_ptr + row, v)
-            update = tl.div_rn(grad, tl.sqrt_rn(v) + eps) * step_size
-            weights = p_ptr + row * p_stride + cols
-            old = tl.load(weights, mask=mask, other=0.0).to(tl.float32)
-            update += tl.where(update * old > 0, old, 0.0) * decay
-            tl.store(weights, (old - update).to(p_ptr.dtype.element_ty), mask=mask)

@@ -57,8 +57,8 @@ import torch
 from torch import Tensor, nn
 
 from distributed import World
-from kernels import adam_rows_
 from updates import (
+    adam_rows_,
     adam_step_,
     compiled_adam_step_,
     compiled_matrix_step_,
@@ -594,7 +594,7 @@ class Optimizers:
         """{entry: (row ids, gradient rows, ranks)} of the parameters whose gradient is kept as
         rows (``row_grads``), but those of the labels ``held``: the pairs held since their
         last step, with several ranks every rank's (gathered); a row's gradient is the sum of
-        its pairs / ranks (``kernels.sum_rows``)."""
+        its pairs / ranks (``updates.sum_rows``)."""
         out = {}
         for e in self._groups["adam"].entries:
             grads = getattr(e.param, "row_grads", None)

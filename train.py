@@ -24,13 +24,13 @@ import averaging
 import checkpoints
 from data.loader import DataLoader, validation_pieces
 from distributed import World
-from kernels import sum_rows
 from layers.embeddings import collect_table_grads
 from layers.masks import document_ids
 from layers.sampled import CandidateSampler, mark_set_size_dynamic
 from model import build_model, model_config
 from optimizers import build_optimizer
 from schedule import Schedule, StepPlan
+from updates import sum_rows
 from utils import ConfigError, check_ranges, repo_path
 
 

@@ -98,7 +98,7 @@ class RowGradients:
     Before a micro-batch's forward pass ``append`` stores its looked-up row ids (2 a token) in
     the next free slots and points the lookup's backward at them (``offset``, a device scalar:
     no recompile); the backward adds each row's gradient into its slot. The optimizer sums them
-    per row at the table's step (``kernels.adam_rows_``) and ``clear`` starts over."""
+    per row at the table's step (``updates.adam_rows_``) and ``clear`` starts over."""
 
     def __init__(self, table: Tensor, capacity: int, num_rows: int):
         self.num_rows = num_rows

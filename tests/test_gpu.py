@@ -538,7 +538,7 @@ def test_adam_rows_kernel_on_gpu():
     100,000-row table so that rows repeat, one row in 10,486 pairs (a frequent n-gram): the
     second moments to float32 rounding (the sums go in another order), the weights equal but
     for rare bf16 rounding flips; the kernel's path makes no host sync."""
-    import kernels
+    import updates
 
     g = torch.Generator(device="cuda").manual_seed(0)
     p = torch.randn(100_000, 768, device="cuda", generator=g).bfloat16()
@@ -547,10 +547,10 @@ def test_adam_rows_kernel_on_gpu():
     grads = (torch.randn(3_145_728, 768, device="cuda", generator=g) * 1e-3).bfloat16()
     v = torch.rand(100_000, 1, device="cuda", generator=g) * 1e-5
     want_p, want_v = p.clone(), v.clone()
-    kernels.adam_rows_reference_(want_p, ids, grads, want_v, 0.99, 1e-10, 0.01, 0.1, 2)
+    updates.adam_rows_reference_(want_p, ids, grads, want_v, 0.99, 1e-10, 0.01, 0.1, 2)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        kernels.adam_rows_(p, ids, grads, v, 0.99, 1e-10, 0.01, 0.1, 2)
+        updates.adam_rows_(p, ids, grads, v, 0.99, 1e-10, 0.01, 0.1, 2)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(v, want_v, rtol=1e-5, atol=0)

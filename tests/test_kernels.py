@@ -206,40 +206,6 @@ def test_triton_transpose_matches_torch_in_interpreter():
     assert "transpose matches torch" in result.stdout
 
 
-ADAM_ROWS_CHECK = textwrap.dedent("""
-    import torch, kernels
-    g = torch.Generator().manual_seed(0)
-    for dtype, ranks in ((torch.float32, 1), (torch.bfloat16, 3)):
-        p = torch.randn(50, 12, generator=g).to(dtype)
-        # repeated rows, row 7 in 29 pairs (several of the kernel's blocks); rows 40-49 untouched
-        ids = torch.cat([torch.randint(0, 40, (90,), generator=g), torch.full((29,), 7)])
-        ids = ids[torch.randperm(ids.numel(), generator=g)]
-        grads = torch.randn(ids.numel(), 12, generator=g).to(dtype)
-        v = torch.rand(50, 1, generator=g)
-        want_p, want_v = p.clone(), v.clone()
-        # a decay of 0.3 makes the cautious decay visible beside the step
-        kernels.adam_rows_reference_(want_p, ids, grads, want_v, 0.9, 1e-8, 0.05, 0.3, ranks)
-        kernels.kernel_adam_rows_(p, ids, grads, v, 0.9, 1e-8, 0.05, 0.3, ranks)
-        torch.testing.assert_close(v, want_v, rtol=1e-6, atol=0)
-        # bf16: the interpreter truncates float32 to bf16 where the GPU rounds (tests/test_gpu.py)
-        one_step = 1e-6 if dtype == torch.float32 else 2.0 ** -7
-        torch.testing.assert_close(p.float(), want_p.float(), rtol=one_step, atol=1e-7)
-    print("row-wise Adam matches its reference")
-""")
-
-
-@pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
-def test_triton_adam_rows_matches_reference_in_interpreter():
-    """The n-gram table's row-wise Adam from (row id, gradient row) pairs: the Triton kernel
-    against ``adam_rows_reference_`` (unique + index_add, then the update), float32 and bf16
-    weights, the mean over three ranks, repeated (one in many pairs) and untouched rows."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run([sys.executable, "-c", ADAM_ROWS_CHECK], capture_output=True,
-                            text=True, env=env, cwd=REPO_ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "row-wise Adam matches its reference" in result.stdout
-
-
 def dequantized(x, dtype=torch.float8_e4m3fn):
     x8, scale = kernels.to_float8(x, dtype)
     return x8.float() * scale
