@@ -22,24 +22,33 @@ def add_rows_(buffer: Tensor, ids: Tensor, grad: Tensor) -> None:
     buffer.index_add_(0, ids, grad.to(buffer.dtype))
 
 
+@torch.library.custom_op("speedrun::copy_rows_", mutates_args=("buffer",))
+def copy_rows_(buffer: Tensor, slots: Tensor, grad: Tensor) -> None:
+    # distinct slots: a plain indexed write, where index_add_ would add atomically
+    buffer.index_copy_(0, slots, grad.to(buffer.dtype))
+
+
 class _RowsIntoBuffer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table, ids, buffer, slots):
         ctx.save_for_backward(ids if slots is None else slots, buffer)
+        ctx.copy = slots is not None
         return F.embedding(ids, table)
 
     @staticmethod
     def backward(ctx, grad):
         slots, buffer = ctx.saved_tensors
-        add_rows_(buffer, slots.reshape(-1), grad.reshape(-1, grad.size(-1)))
+        (copy_rows_ if ctx.copy else add_rows_)(buffer, slots.reshape(-1),
+                                                 grad.reshape(-1, grad.size(-1)))
         return None, None, None, None
 
 
 def rows(table: Tensor, ids: Tensor, buffer: Tensor | None = None,
          slots: Tensor | None = None) -> Tensor:
-    """``table[ids]``; with a ``buffer`` the rows' gradient is added into it, and the table
-    gets none from autograd: at the looked-up rows of a buffer of the table's shape, or at
-    ``slots`` (one a row looked up) of any buffer (the n-gram table's row gradients)."""
+    """``table[ids]``; with a ``buffer`` the rows' gradient goes into it, and the table gets
+    none from autograd: added at the looked-up rows of a buffer of the table's shape, or
+    written at ``slots`` (distinct, one a row looked up, each written once) of any buffer (the
+    n-gram table's row gradients)."""
     if buffer is None:
         return F.embedding(ids, table)
     return _RowsIntoBuffer.apply(table, ids, buffer, slots)
