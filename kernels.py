@@ -414,7 +414,8 @@ def refresh_scale_(scale: Tensor, amax: Tensor, dtype):
     initialised down projection's first step) or not finite (a diverged step). amax restarts
     at zero."""
     headroom, smallest, _ = DELAYED_SCALING[dtype]
-    fresh = (amax * (headroom / torch.finfo(dtype).max)).clamp_min(smallest)
+    # the record's cap on amax, 1e12, before the headroom
+    fresh = (amax.clamp(max=1e12) * (headroom / torch.finfo(dtype).max)).clamp_min(smallest)
     scale.copy_(torch.where(amax.isfinite() & (amax > 0), fresh, scale))
     amax.zero_()
 

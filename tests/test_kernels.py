@@ -5,6 +5,7 @@ triton is imported, hence a subprocess); tests/test_gpu.py runs it compiled on a
 float8 matmuls.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -364,17 +365,25 @@ def test_triton_relu2_cast_matches_reference_in_interpreter():
     print(result.stdout)
 
 
-def test_refresh_scale_moves_on_from_the_steps_amax():
-    """headroom x amax / the format's largest value, not below the smallest scale; the old
-    scale kept for a zero or non-finite amax; amax back to zero."""
-    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        headroom, smallest, _ = kernels.DELAYED_SCALING[dtype]
-        top = torch.finfo(dtype).max
-        for amax, want in ((3.0, 3.0 * headroom / top), (1e-30, smallest), (0.0, 0.5),
-                           (float("nan"), 0.5), (float("inf"), 0.5)):
-            scale, running = torch.tensor(0.5), torch.tensor(amax)
+def test_refresh_scale_is_the_records():
+    """kernels.refresh_scale_ against record #92's own _refresh_delayed_scale run on the same
+    amax values (tests/reference/record92/README.md): the new scale headroom x amax / the
+    format's largest value (amax capped at 1e12), not below the smallest scale, the old one
+    kept for a zero or non-finite amax; amax back to zero. The record's constants and first
+    scales are DELAYED_SCALING's."""
+    reference = json.loads((REPO_ROOT / "tests" / "reference" / "record92" /
+                            "delayed_scales.json").read_text())
+    dtypes = {"post": torch.float8_e4m3fn, "grad": torch.float8_e5m2}
+    constants = reference["constants"]
+    assert kernels.DELAYED_SCALING[torch.float8_e4m3fn][0] == constants["FP8_POST_HEADROOM"]
+    assert kernels.DELAYED_SCALING[torch.float8_e5m2][0] == constants["FP8_DPRE_HEADROOM"]
+    for case in reference["cases"]:
+        dtype = dtypes[case["kind"]]
+        assert kernels.DELAYED_SCALING[dtype][2] == case["initial_scale_of_the_record"]
+        for amax, want in zip(case["amax"], case["scale_after"], strict=True):
+            scale, running = torch.tensor(case["scale_before"]), torch.tensor(float(amax))
             kernels.refresh_scale_(scale, running, dtype)
-            assert scale.item() == pytest.approx(want, rel=1e-6), (dtype, amax)
+            assert scale.item() == pytest.approx(want, rel=1e-6), (case["kind"], amax)
             assert running.item() == 0.0
 
 
