@@ -34,9 +34,8 @@ BYTES_PER_UNIT = {
                        False: (33.4 - 4.0) * GB / 65_536 / 92_544},
     # record #89 with float8 at 65,536 tokens: 40.2 GB (2026-12-06), state 9.9 GB; without
     # float8 at 32,768 tokens: 26.4 GB (2026-12-06, as record #55's ratio had predicted). Since
-    # the MLP's delayed scales its peak is 42.3 GB, inside HEADROOM; calibrated on that, the
-    # estimate would put record #92's (67.5 GB measured) at 73.6 and halve its micro-batch on
-    # an 80 GB card (README, Hardware)
+    # the MLP's delayed scales its peak is 2.1 GB higher, inside HEADROOM; calibrated on that,
+    # the estimate would halve record #92's micro-batch on an 80 GB card (README, Hardware)
     "GPTConfig": {True: (40.2 - 9.9) * GB / 65_536 / 92_544,
                   False: (26.4 - 9.9) * GB / 32_768 / 92_544},
 }
