@@ -174,6 +174,7 @@ class StepPlan:
     max_seq_len: int  # longest training segment
     mtp_weights: tuple  # loss weights of the next tokens
     prefix_weight: float  # loss weight of the next token's prefix token
+    prefix: bool  # the stage weighs the prefix token at some step (its loss has the target)
     lr_factor: float  # times each group's lr
     momentum: float  # of the matrix optimizer
     adam: bool  # Adam steps after this step's gradients
@@ -204,8 +205,6 @@ class Schedule:
         self.untie_step = (round(config.split_frac * self.scheduled)
                            if config.untie_step is None else config.untie_step)
         self.validation_windows = config.validation_windows
-        # the loss weights of the tokens ahead, as many as the widest stage has
-        self.mtp_width = max(len(stage.mtp_weights) for stage in config.stages or ((),)) or 1
         self._check()
         ends, total = [], 0.0
         for stage in self.stages_table[:-1]:
@@ -295,6 +294,7 @@ class Schedule:
                                                                       strict=True)),
                         prefix_weight=moved(stage.prefix_weight, stage.prefix_weight_end,
                                             stage.prefix_weight_levels),
+                        prefix=max(stage.prefix_weight, stage.prefix_weight_end or 0.0) > 0,
                         lr_factor=self._lr_factor(step, stage.lr_mul),
                         momentum=self._momentum(step),
                         adam=(step + 1) % self.config.adam_every == 0,

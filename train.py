@@ -287,11 +287,12 @@ class TrainingManager:
             logger.print(f"note: the val shards hold only {self.val_tokens:,} tokens in whole "
                          f"chunks, fewer than val_tokens={self.tc.val_tokens:,}: validating "
                          "on those")
-        # [the loss weights of the tokens ahead..., of the prefix token], set by apply();
-        # validation scores the next token alone
-        self.loss_weights = torch.zeros(self.schedule.mtp_width + 1, device=torch_device)
-        self.val_weights = torch.zeros_like(self.loss_weights)
-        self.val_weights[0] = 1.0
+        # [the loss weights of the tokens ahead..., of the prefix token], set by apply(), a
+        # buffer for each number of tokens ahead a stage weighs: the loss graph of a stage
+        # computes only the targets it weighs (loss_graph). Validation scores the next token.
+        widths = {1, *(len(stage.mtp_weights) for stage in self.schedule.stages_table)}
+        self.loss_weights = {k: torch.zeros(k + 1, device=torch_device) for k in widths}
+        self.val_weights = torch.tensor([1.0, 0.0], device=torch_device)
         self.sampler = None  # the candidate sets of the sampled softmax (layers/sampled.py)
         sc = self.schedule.config
         if sc.sampled_softmax:
@@ -329,11 +330,10 @@ class TrainingManager:
         self.optimizer.set_lr_factor(plan.lr_factor)
         self.optimizer.set_momentum(plan.momentum)
         self.optimizer.set_step(plan.step)
-        mtp = plan.mtp_weights + (0.0,) * (self.schedule.mtp_width - len(plan.mtp_weights))
-        weights = torch.tensor([*mtp, plan.prefix_weight])
-        if self.loss_weights.is_cuda:  # pinned: a copy from pageable memory may wait for it
+        weights = torch.tensor([*plan.mtp_weights, plan.prefix_weight])
+        if self.device.kind == "cuda":  # pinned: a copy from pageable memory may wait for it
             weights = weights.pin_memory()
-        self.loss_weights.copy_(weights, non_blocking=True)
+        self.loss_weights[len(plan.mtp_weights)].copy_(weights, non_blocking=True)
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -361,8 +361,8 @@ class TrainingManager:
             docs = document_ids(inputs, self.schedule.config.attention_segment_cap)
             if self.row_grads is not None:
                 self.row_grads.append(inputs)
-            loss = self.compiled(inputs, targets, docs, self.loss_weights,
-                                 *(() if sets is None else (sets,)))
+            loss = self.compiled(inputs, targets, docs, self.loss_weights[len(plan.mtp_weights)],
+                                 sets, plan.prefix)
             (loss * factor).backward()
             total += loss.detach()
         return total / plan.accumulation
@@ -401,8 +401,8 @@ class TrainingManager:
         no_grad would be a second compile, for a pass that the train time does not count."""
         with torch.set_grad_enabled(self.compiled is not self.model):
             # each piece's loss is its scored rows' sum over all its rows
-            total = sum(self.compiled(inputs, targets, document_ids(inputs),
-                                      self.val_weights).detach() * inputs.numel()
+            total = sum(self.compiled(inputs, targets, document_ids(inputs), self.val_weights,
+                                      None, False).detach() * inputs.numel()
                         for inputs, targets in self.val_pieces)
         scored = self.val_tokens // self.world.world_size
         return self.world.all_reduce_mean(total / scored).item()
@@ -452,14 +452,16 @@ class TrainingManager:
             self.accumulate(plan)
             self.optimizer_step(plan)
             phase(f"the tables' Adam at pace {pace}")
-        # each other set size of the sampled softmax: the full softmax's graph (0), and a run
-        # of the sampled graph at every size, which serves them all (mark_set_size_dynamic)
-        sizes = {size for _, size in self.schedule.config.sampled_softmax} | {0}
-        for size in sorted(sizes - {self.schedule.at(0).candidates}):
-            plan = replace(self.schedule.at(0), accumulation=1, candidates=size)
-            self.accumulate(plan)
+        # each other loss graph of the run and validation's: one for each set of targets the
+        # stages weigh, over the full softmax and over the sampled one, run at every set size
+        # the run takes (one graph serves them all: mark_set_size_dynamic)
+        graphs = {loss_graph(p): p for p in reversed(plans)}
+        validation = replace(plans[0], mtp_weights=(1.0,), prefix=False, candidates=0)
+        graphs.setdefault(loss_graph(validation), validation)
+        for key in sorted(graphs.keys() - {loss_graph(p) for p in plans[:every]}):
+            self.accumulate(replace(graphs[key], accumulation=1))
             self.optimizer.zero_grad()
-            phase(f"loss over {size} candidates" if size else "full softmax")
+            phase(loss_graph_name(*key))
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
         for p, grad in pending.items():
@@ -731,6 +733,17 @@ class TrainingManager:
         if self.logger.wandb is not None:
             self.logger.wandb.log({"val/loss": val_loss, "train_time": self.train_time},
                                   step=self.step)
+
+
+def loss_graph(plan: StepPlan) -> tuple:
+    """What tells a step's loss graph from another's: the tokens ahead its stage weighs, the
+    prefix token's target, and the sampled softmax's set size (0: the full softmax)."""
+    return len(plan.mtp_weights), plan.prefix, plan.candidates
+
+
+def loss_graph_name(ahead: int, prefix: bool, candidates: int) -> str:
+    over = f"over {candidates} candidates" if candidates else "full softmax"
+    return f"loss of {ahead} token{'s' * (ahead > 1)} ahead{' and the prefix' * prefix}, {over}"
 
 
 def validation_context(model_config, schedule: Schedule) -> int:

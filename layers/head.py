@@ -21,8 +21,8 @@ def prediction_targets(targets: Tensor, weights: Tensor, prefix_table: Tensor | 
     ``weights`` (K + 1,) the loss weights of the K tokens ahead and of the prefix token. Column
     k targets the token k + 1 ahead, ``targets[i + k]``, absent (-1, weight 0) past the
     sequence's end (as the record, across documents); a last column targets
-    ``prefix_table[targets]``, absent where a token has no prefix, unless the model has no
-    prefix table."""
+    ``prefix_table[targets]``, absent where a token has no prefix, unless ``prefix_table`` is
+    None (the model has none, or the loss leaves the prefix token out)."""
     K = weights.numel() - 1
     columns, column_weights = [], []
     for k in range(K):
@@ -55,11 +55,13 @@ class SpeedrunLM(nn.Module):
                 module.refresh_scales()
 
     def forward(self, inputs: Tensor, targets: Tensor | None = None, docs: Tensor | None = None,
-                loss_weights: Tensor | None = None, candidates: Tensor | None = None):
+                loss_weights: Tensor | None = None, candidates: Tensor | None = None,
+                prefix: bool = True):
         """inputs: (T,) token ids, T a multiple of the block size. Returns the loss averaged
         over the T rows (each row's targets weighted by ``loss_weights``, see
         ``prediction_targets``; the next token alone when None), or the (T, vocab_size) logits
-        when no targets are given.
+        when no targets are given. ``prefix`` False leaves the prefix token's target out (its
+        weight unused): each target costs the loss op's backward a gather and a scatter-add.
 
         ``docs`` (``document_ids(inputs)``) may be passed in: the trainer computes it outside
         the compiled graph, where inductor cannot lower FlexAttention's mask_mod reading a
@@ -74,7 +76,7 @@ class SpeedrunLM(nn.Module):
         hidden = self.hidden_states(inputs, docs)[0]
         if targets is None:
             return self.logits(hidden)[:, :self.config.vocab_size]
-        return self.loss(hidden, targets, loss_weights, candidates)
+        return self.loss(hidden, targets, loss_weights, candidates, prefix)
 
     def compiled_forward(self):
         """``forward`` with targets, compiled as two graphs: the hidden states (the trunk), and
@@ -86,26 +88,26 @@ class SpeedrunLM(nn.Module):
         trunk = torch.compile(self.hidden_states, dynamic=False, fullgraph=True)
         head = torch.compile(self.loss, dynamic=False, fullgraph=True)
 
-        def forward(inputs, targets, docs, loss_weights=None, candidates=None):
-            return head(trunk(inputs, docs)[0], targets, loss_weights, candidates)
+        def forward(inputs, targets, docs, loss_weights=None, candidates=None, prefix=True):
+            return head(trunk(inputs, docs)[0], targets, loss_weights, candidates, prefix)
 
         return forward
 
     def loss(self, hidden: Tensor, targets: Tensor, loss_weights: Tensor | None = None,
-             candidates: Tensor | None = None) -> Tensor:
+             candidates: Tensor | None = None, prefix: bool = True) -> Tensor:
         """The training loss of final hidden states (T, D), as ``forward`` describes it."""
-        weights = None
+        weights, prefix_table = None, self.prefix_table if prefix else None
         if candidates is not None:
             if loss_weights is None:
                 loss_weights = hidden.new_tensor([1.0, 0.0], dtype=torch.float32)
             groups = targets.view(candidates.size(0), -1)
             targets, weights = (torch.cat(parts) for parts in zip(*(
-                prediction_targets(group, loss_weights, self.prefix_table) for group in groups),
+                prediction_targets(group, loss_weights, prefix_table) for group in groups),
                 strict=True))
             return sampled_loss(hidden, self.lm_head.type_as(hidden), targets, weights,
                                 candidates, self.softcap_args, self.config.fp8_lm_head)
         if loss_weights is not None:
-            targets, weights = prediction_targets(targets, loss_weights, self.prefix_table)
+            targets, weights = prediction_targets(targets, loss_weights, prefix_table)
         return kernels.linear_softcap_cross_entropy(
             hidden, self.lm_head.type_as(hidden), targets, *self.softcap_args,
             fp8=self.config.fp8_lm_head, weights=weights)

@@ -84,6 +84,7 @@ def test_masked_logits_leave_the_softmax_to_the_tokens_that_can_follow():
 
 def test_evaluate_reports_the_masked_loss_after_each_previous_token(tmp_path, capsys,
                                                                     monkeypatch):
+    monkeypatch.delenv("DATA_PATH", raising=False)  # evaluate.py would read those shards
     config = tiny_config(tmp_path, write_tiny_shards(tmp_path))
     manager = manager_for(config, tmp_path)
     manager.train_step()

@@ -160,6 +160,30 @@ def test_one_compiled_graph_across_the_untie_windows_and_loss_weights(tiny_model
         compiled(x, y, None, weights).backward()
 
 
+def test_a_target_left_out_is_a_target_weighed_zero(tiny_model_config):
+    """The loss without the prefix token's target (prefix=False; its weight then unused) and
+    with fewer tokens ahead is the loss, and gives the gradients, of those targets at weight 0:
+    what lets a stage's loss compute only the targets it weighs."""
+    gpt = make_model(dict(tiny_model_config, prefix_prediction=True))
+    x, y = tokens(64, doc_starts=(0, 30)), tokens(64, seed=3)
+
+    def loss_and_grads(weights, prefix):
+        gpt.zero_grad()
+        loss = gpt(x, y, None, torch.tensor(weights), prefix=prefix)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in gpt.parameters() if p.grad is not None]
+
+    def close(a, b):
+        return all(torch.allclose(u, v, rtol=1e-6, atol=1e-9) for u, v in zip(a, b, strict=True))
+
+    narrow = loss_and_grads([1.0, 0.7], prefix=False)
+    assert close(narrow, loss_and_grads([1.0, 0.0, 0.0], prefix=True))
+    assert not close(narrow, loss_and_grads([1.0, 0.0, 0.7], prefix=True))
+    ahead = loss_and_grads([1.0, 0.5, 0.7], prefix=False)
+    assert close(ahead, loss_and_grads([1.0, 0.5, 0.0, 0.0], prefix=True))
+    assert not close(ahead, narrow)
+
+
 @pytest.mark.parametrize("backend", [None, "aot_eager"])
 def test_table_grads_in_place_equal_autograds(tiny_model_config, backend):
     """Two micro-batches: the buffers' rows, collected, are the gradients autograd gives the

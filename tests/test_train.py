@@ -228,7 +228,7 @@ def test_a_steps_gradient_is_the_mean_or_the_scaled_sum_over_its_tokens(config, 
     plan = manager.schedule.at(4)
     manager.apply(plan)
     state = manager.train_loader.state_dict()
-    model, weights = manager.model, manager.loss_weights
+    model, weights = manager.model, manager.loss_weights[len(plan.mtp_weights)]
     for _ in range(plan.accumulation):  # the sum over the step's tokens, micro-batch by one
         inputs, targets = manager.train_loader.next_batch()
         (model(inputs, targets, None, weights) * inputs.numel()).backward()
@@ -241,6 +241,32 @@ def test_a_steps_gradient_is_the_mean_or_the_scaled_sum_over_its_tokens(config, 
         if name in summed:
             torch.testing.assert_close(p.grad, summed[name] * per_token, rtol=1e-5, atol=1e-9,
                                        msg=name)
+
+
+def test_each_stage_computes_only_the_targets_it_weighs(config, tmp_path, monkeypatch):
+    """The loss op gets the targets the step's stage weighs at some step, no more: in the
+    first stage the next token, the one after (0.5 -> 0) and the prefix token (0.25 -> 0);
+    from the second stage on, and at validation, the next token alone."""
+    import kernels
+
+    config["model_config"]["prefix_prediction"] = True
+    config["schedule"]["stages"][0].update(prefix_weight=0.25, prefix_weight_end=0.0)
+    op, columns = kernels.linear_softcap_cross_entropy, set()
+
+    def recording_op(hidden, weight, targets, *args, **kwargs):
+        columns.add(targets.size(1))
+        return op(hidden, weight, targets, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "linear_softcap_cross_entropy", recording_op)
+    manager = manager_for(config, tmp_path)
+    seen = []
+    for _ in range(manager.schedule.total):
+        manager.train_step()
+        seen.append(columns.copy())
+        columns.clear()
+    assert seen == [{3}] * 4 + [{1}] * 10
+    manager.validate()
+    assert columns == {1}
 
 
 def test_smoke_run_is_bit_reproducible(config, tmp_path):
@@ -449,7 +475,8 @@ def test_ngram_row_grads_train_as_the_dense_gradient(config, tmp_path):
     first = manager_for(config, tmp_path)
     first.warmup()
     assert [name for name, _ in first.warmup_phases] == [
-        "first step", "Adam's step", "the tables' Adam at pace 2"]
+        "first step", "Adam's step", "the tables' Adam at pace 2",
+        "loss of 1 token ahead, full softmax"]  # the stages after the first weigh one token
     assert losses_of(first, 6) == got[:6]
     # two steps of two micro-batches, two rows a token
     assert first.row_grads.used == 2 * 2 * first.tc.micro_batch_tokens * 2
@@ -510,7 +537,8 @@ def test_sampled_softmax_trains_resumes_and_warms_up_exactly(config, tmp_path, a
     warmed.warmup()
     assert [name for name, _ in warmed.warmup_phases] == (
         ["first step"] + ["Adam's step"] * (adam_every - 1)
-        + ["full softmax", "loss over 1024 candidates"])
+        + ["loss of 1 token ahead, full softmax",
+           "loss of 1 token ahead, over 1024 candidates"])
     assert "first step" in warmed.warmup_summary()
     assert losses_of(warmed, 14) == expected
 
