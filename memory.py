@@ -7,7 +7,7 @@ the meta device), plus what a micro-batch keeps for its backward pass, in propor
 tokens. That second part is estimated per token as ``bytes_per_unit`` x (num_layers x
 (model_dim + ffn_dim) + padded vocabulary): the residual stream and the MLP's activations of
 every layer, and the row of logits' gradient that the lm_head's loss op writes. The bytes per
-unit are measured for each model (record #89's, config/base.py; record #55's,
+unit are measured for each model (record #89's, config/record89.py; record #55's,
 config/record55.py) on an H100: peak memory allocated less the state, per token and unit
 (README, Any card from 24 to 80 GB). The caching
 allocator reserves more than it allocates, so the estimate must fit within ``HEADROOM`` of the
@@ -33,9 +33,7 @@ BYTES_PER_UNIT = {
     "Record55Config": {True: (31.0 - 4.0) * GB / 65_536 / 92_544,
                        False: (33.4 - 4.0) * GB / 65_536 / 92_544},
     # record #89 with float8 at 65,536 tokens: 40.2 GB (2026-12-06), state 9.9 GB; without
-    # float8 at 32,768 tokens: 26.4 GB (2026-12-06, as record #55's ratio had predicted). Since
-    # the MLP's delayed scales its peak is 2.1 GB higher, inside HEADROOM; calibrated on that,
-    # the estimate would halve record #92's micro-batch on an 80 GB card (README, Hardware)
+    # float8 at 32,768 tokens: 26.4 GB (2026-12-06, as record #55's ratio had predicted)
     "GPTConfig": {True: (40.2 - 9.9) * GB / 65_536 / 92_544,
                   False: (26.4 - 9.9) * GB / 32_768 / 92_544},
 }
@@ -112,7 +110,8 @@ def choose_multiple(config, device, memory: float, world_size: int = 1) -> tuple
             return multiple, estimate
     smallest = candidates[-1]
     table = (f" (its n-gram table, {config.model.bigram_rows:,} rows, takes most: a smaller "
-             f"model_config.bigram_rows)" if getattr(config.model, "ngram_table", False) else "")
+             f"model_config.bigram_rows, or config/record89.py, record #89's recipe without "
+             f"it)" if getattr(config.model, "ngram_table", False) else "")
     raise ConfigError(
         f"no micro-batch fits {memory / GB:.1f} GB of {device.name}: the smallest, "
         f"BATCH_SIZE_MULTIPLE={smallest} ({smallest * config.training.max_seq_len:,} tokens), "

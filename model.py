@@ -59,7 +59,7 @@ FINAL_BIAS = {1: -5.0}
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """``model_config``; every key is required, so config/base.py is the one source."""
+    """``model_config``; every key is required, so config/record89.py is the one source."""
 
     architecture: str  # "record89" (this model) or "record55" (model_record55.py)
     vocab_size: int  # 50257 for GPT-2 BPE

@@ -16,7 +16,7 @@ object. With several ranks (``distributed.World``) it also reduces the gradients
 optimizer's by reduce-scatter, so each rank orthogonalises only its share of the matrices and
 all-gathers the new weights; Adam's by all-reduce. In a world of one there is no collective.
 
-optimizer_config keys, with the speedrun's values (config/base.py holds them):
+optimizer_config keys, with record #89's values (config/record89.py; config/base.py takes ANVIL):
 
 ==================  ==========================================================================
 matrix_optimizer    "normuon" | "bam" | "aro" | "anvil"                             "normuon"

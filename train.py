@@ -418,7 +418,7 @@ class TrainingManager:
         ``warmup_phases`` says where they went (``warmup_summary``)."""
         start = time.perf_counter()
         # the snapshot waits in host memory: on the GPU it would add the weights and the
-        # optimizer's state (7.3 GB for config/base.py) to the peak of the warm-up's steps
+        # optimizer's state (7.3 GB for config/record89.py) to the peak of the warm-up's steps
         model_state = checkpoints.to_host(self.model.state_dict())
         optimizer_state = checkpoints.to_host(self.optimizer.state_dict())
         loader_state = self.train_loader.state_dict()

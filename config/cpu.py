@@ -7,10 +7,10 @@ scaled_dot_product_attention with the equivalent dense mask (FlexAttention has n
 pass on the CPU), and no compile.
 """
 
-from config import base
+from config import record89
 
 model_config = dict(
-    base.model_config,
+    record89.model_config,
     model_dim=128,
     num_heads=2,
     head_dim=64,
@@ -22,9 +22,9 @@ model_config = dict(
     gate_hidden=16,
     mudd_hidden=16,
 )
-optimizer_config = base.optimizer_config
+optimizer_config = record89.optimizer_config
 training_config = dict(
-    base.training_config,
+    record89.training_config,
     device="cpu",
     run_name="cpu",
     max_seq_len=256,
@@ -35,7 +35,7 @@ training_config = dict(
     target_val_loss=7.3,  # a tiny model on the proxy corpus; not comparable with 3.28
 )
 schedule = dict(
-    base.schedule,
+    record89.schedule,
     num_scheduled_iterations=60,
     num_extension_iterations=4,
     stages=(
@@ -52,6 +52,6 @@ schedule = dict(
     momentum_cooldown_steps=4,
     split_frac=42 / 60,  # after the last stage's first Adam step (41), as the record
 )
-data_config = base.data_config
-logging_config = dict(base.logging_config, wandb=False)
-compile_config = dict(base.compile_config, enabled=False)
+data_config = record89.data_config
+logging_config = dict(record89.logging_config, wandb=False)
+compile_config = dict(record89.compile_config, enabled=False)

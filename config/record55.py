@@ -1,7 +1,7 @@
 """The previous recipe: modded-nanogpt's record #55 (December 2025) on one 80 GB GPU, 1805 + 40
 steps and 489M tokens, the model of ``model_record55.py``.
 
-Kept to compare with config/base.py (record #89) side by side: 11 layers, width 768, value
+Kept to compare with config/record89.py (record #89) side by side: 11 layers, width 768, value
 embeddings, gates, skip and backout, YaRN windows counted in blocks, NorMuon with Polar
 Express, three batch-size stages, next-token prediction only.
 """

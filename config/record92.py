@@ -4,8 +4,9 @@ mix), its schedule (1122 + 52 grown scheduled steps and 20 extension steps, 329M
 documents of up to 3072 tokens attending in segments of 2560 from the third stage on, the
 embedding tables' Adam every fourth step from step 336) with its third stage grown by 36 steps
 more for the smaller n-gram table (1210 + 20 steps, 343M tokens), the ANVIL optimizer, the
-sampled softmax, the four weight ships and the hashed n-gram table. Its float8 attention
-projections are off: here they cost 23 s of a run (README, Speed).
+sampled softmax, the four weight ships and the hashed n-gram table, on record #89's
+(config/record89.py) keys. Its float8 attention projections are off: slower here (README,
+Speed). config/base.py is this config.
 
 Not here (README, Recipe): the n-gram table's full size (this one is a quarter of it) and the
 record's CUDA graphs and fused kernels.
@@ -13,7 +14,7 @@ record's CUDA graphs and fused kernels.
 
 import math
 
-from config import base
+from config import record89
 
 # Record #92's model: 7 of 11 layers attend (0, 1, 2, 3, 5, 8, 10), Q/K heads of 64 on the
 # short-window layers and 128 on the long (3, 10), V/O halved on 1 and 8; layers 4 and 9 keep
@@ -24,7 +25,7 @@ from config import base
 # 84,602,880 rows (121 GiB over 8 GPUs); a quarter of them fit one 80 GB GPU with the gradient
 # kept as rows (training_config.ngram_row_grads; README, Speed).
 model_config = dict(
-    base.model_config,
+    record89.model_config,
     window_pattern="SSSL-S--S-L",
     mlp_only_layers=(4, 9),
     removed_layers=(7,),
@@ -44,12 +45,12 @@ model_config = dict(
     mlp_proj_lr_mul=2 * math.sqrt(2816 / 768),  # the record's c_proj: shape factor times 2
     ngram_table=True, ngram_bf16=True, bigram_rows=21_150_720, bigram_sign_rows=8192)
 optimizer_config = dict(
-    base.optimizer_config,
+    record89.optimizer_config,
     matrix_optimizer="anvil",
-    label_lr_mul=dict(base.optimizer_config["label_lr_mul"], value_embed=70.0,
+    label_lr_mul=dict(record89.optimizer_config["label_lr_mul"], value_embed=70.0,
                       bigram_embed=70.0),
 )
-training_config = dict(base.training_config, run_name="record92", ngram_row_grads=True)
+training_config = dict(record89.training_config, run_name="record92", ngram_row_grads=True)
 
 
 def grown_schedule(growth: int) -> dict:
@@ -60,7 +61,7 @@ def grown_schedule(growth: int) -> dict:
     third = 426 + growth  # 374 + the record's 52 + growth
     total = 320 + 361 + third + 67
     return dict(
-        base.schedule,
+        record89.schedule,
         num_scheduled_iterations=total,
         num_extension_iterations=20,
         stages=(
@@ -99,6 +100,6 @@ def grown_schedule(growth: int) -> dict:
 # steps at 131,072 tokens. Grown here by 36 steps more for the quarter-size n-gram table (the
 # record's exchange rates: README, Steps and the table's size).
 schedule = grown_schedule(36)
-data_config = base.data_config
-logging_config = base.logging_config
-compile_config = base.compile_config
+data_config = record89.data_config
+logging_config = record89.logging_config
+compile_config = record89.compile_config

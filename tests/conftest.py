@@ -36,7 +36,7 @@ def tiny_model_config():
 def tiny_gpt_config():
     import run
 
-    config = run.load_config(REPO_ROOT / "config" / "base.py")["model_config"]
+    config = run.load_config(REPO_ROOT / "config" / "record89.py")["model_config"]
     return dict(config, model_dim=32, num_heads=2, head_dim=16, ffn_dim=64, block_size=16,
                 dc_window=14, bigram_rows=512, bigram_sign_rows=32, gate_hidden=8,
                 mudd_hidden=8, prefix_prediction=False, fp8_lm_head=False, fp8_mlp=False,
@@ -79,10 +79,10 @@ def record55_model_config():
 
 @pytest.fixture
 def optimizer_config():
-    """config/base.py's optimizer_config, a fresh copy."""
+    """config/record89.py's optimizer_config, a fresh copy."""
     import run
 
-    return run.load_config(REPO_ROOT / "config" / "base.py")["optimizer_config"]
+    return run.load_config(REPO_ROOT / "config" / "record89.py")["optimizer_config"]
 
 
 def gpt_config(model_config):

@@ -195,7 +195,7 @@ def test_compiled_optimizer_steps_match_eager_and_compile_once(tiny_model_config
     from utils import REPO_ROOT
 
     config = OptimizerConfig.from_dict(dict(
-        run.load_config(REPO_ROOT / "config" / "base.py")["optimizer_config"],
+        run.load_config(REPO_ROOT / "config" / "record89.py")["optimizer_config"],
         matrix_optimizer=method))
     torch.manual_seed(0)
     cpu = make_gpt(tiny_model_config)
@@ -558,3 +558,36 @@ def test_adam_rows_kernel_on_gpu():
     print(f"bf16 weights differing from the reference's: {flips:.2e}")
     assert flips < 1e-3 and torch.equal(p[90_000:], want_p[90_000:])
     torch.testing.assert_close(p.float(), want_p.float(), rtol=2.0 ** -7, atol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="the delayed-scale float8 MLP diverges on the GPU in "
+                   "training (NaN at step 3 on an H100, 2026-12-06; README, Speed); open")
+def test_delayed_float8_mlp_trains_on_gpu(tmp_path):
+    """config/cpu92.py on the GPU (eager; its float8 MLPs, the lm_head's float8 loss, the
+    n-gram rows' kernels) for four steps with the MLP's delayed scales: finite losses, close to
+    the same steps with dynamic scales. On the CPU the delayed path (its cast by reference or by
+    the Triton kernel under the interpreter) follows the dynamic one (12.1704 against 12.1707
+    at the second step); on the H100 the second step's loss was 12.1809 and the third NaN."""
+    import math
+
+    from test_train import write_tiny_shards
+
+    import run
+    import utils
+    from train import TrainingManager
+
+    data = write_tiny_shards(tmp_path)
+
+    def losses(delayed):
+        config = run.load_config(utils.REPO_ROOT / "config" / "cpu92.py")
+        config["model_config"]["fp8_delayed_scales"] = delayed
+        config["training_config"].update(device="cuda", checkpoint_dir=str(tmp_path / "ckpt"),
+                                         records_dir=str(tmp_path / "records"))
+        config["data_config"].update(train_pattern=str(data / "tiny_train_*.bin"),
+                                     val_pattern=str(data / "tiny_val_*.bin"), prefetch=False)
+        manager = TrainingManager(run.build_config(config), utils.detect_device("cuda"))
+        return [manager.train_step().item() for _ in range(4)]
+
+    want, got = losses(False), losses(True)
+    assert all(math.isfinite(loss) for loss in got), got
+    assert got == pytest.approx(want, rel=1e-3)

@@ -16,18 +16,18 @@ HOPPER = utils.DeviceInfo("cuda", "Stand-in H100", "hopper", (9, 0), 232448, 989
 AMPERE = utils.DeviceInfo("cuda", "Stand-in A100", "ampere", (8, 0), 166912, 312.0)
 
 
-def base_config(name="base"):
+def repo_config(name):
     return run.build_config(run.load_config(utils.REPO_ROOT / "config" / f"{name}.py"))
 
 
 def record55_config():
     """The config the bytes per unit were measured on."""
-    return base_config("record55")
+    return repo_config("record55")
 
 
 @pytest.mark.parametrize("name", ["cpu", "record55"])
 def test_state_bytes_count_real_tensors(name):
-    config = base_config(name)
+    config = repo_config(name)
     model = build_model(config.model)
     optimizer = build_optimizer(model, config.optimizer)
     for p in model.parameters():
@@ -43,7 +43,7 @@ def test_the_ngram_tables_micro_batch_gradient_is_counted():
     """config/record92.py's n-gram table: its weights, .grad and a micro-batch's dense
     gradient (three table sizes in bf16) and one float32 second moment a row; or, with
     ngram_row_grads, its weights, second moments and the held gradient rows."""
-    config = base_config("record92")
+    config = repo_config("record92")
     assert config.model.ngram_bf16
     rows, dim = config.model.bigram_rows, config.model.model_dim
     raw = run.load_config(utils.REPO_ROOT / "config" / "record92.py")
@@ -62,13 +62,17 @@ def test_the_ngram_tables_micro_batch_gradient_is_counted():
     assert table == rows * dim * 2 + rows * 4 + held * (dim * 2 + 8)
 
 
-def test_record92_on_a_card_too_small_names_its_table():
-    """config/record92.py's state alone (its quarter-size n-gram table) exceeds a 40 GB card:
-    the error says which key makes it smaller."""
-    config = base_config("record92")
+def test_base_on_a_card_too_small_names_its_table_and_record89():
+    """config/base.py (record #92's) fits an H100 at its own micro-batch; its state
+    alone (its quarter-size n-gram table) exceeds a 48 GB card: the error names the key that
+    makes it smaller and the config for such a card."""
+    config = repo_config("base")
+    assert config.raw == repo_config("record92").raw
+    assert memory.choose_multiple(config, HOPPER, 79.6 * 2**30)[0] == 32  # an H100's 79.6 GiB
     with pytest.raises(utils.ConfigError, match=f"n-gram table, {config.model.bigram_rows:,} "
-                                                "rows, takes most: a smaller model_config"):
-        memory.choose_multiple(config, HOPPER, 40 * memory.GB)
+                                                "rows, takes most: a smaller model_config"
+                                                ".bigram_rows, or config/record89.py"):
+        memory.choose_multiple(config, HOPPER, 48 * memory.GB)
 
 
 @pytest.mark.parametrize("gb,multiple", [(24, 16), (32, 16), (48, 32), (80, 32), (12, None)])
@@ -88,7 +92,7 @@ def test_the_largest_micro_batch_that_fits_is_chosen(gb, multiple):
 
 def test_record89_estimate_is_its_measured_peak():
     # record #89 on the H100: 40.2 GB allocated at 32 x 2048 with float8, 9.9 GB of it state
-    config = base_config()
+    config = repo_config("record89")
     assert memory.state_bytes(config.model, config.optimizer) / memory.GB == pytest.approx(
         9.87, abs=0.01)
     assert memory.peak_bytes(config, HOPPER, 32) / memory.GB == pytest.approx(40.2, abs=0.05)
@@ -116,7 +120,7 @@ def test_estimates_grow_with_the_micro_batch_and_without_float8():
 
 
 def test_only_multiples_that_divide_every_stage_and_the_processes(tmp_path):
-    config = base_config()
+    config = repo_config("record89")
     # validation's chunks of 262,144 tokens go in micro-batches each behind 11,392 tokens of
     # context: 4 x 2048 would score none
     assert memory.fitting_multiples(config, 1) == [32, 16, 8]

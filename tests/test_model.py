@@ -140,7 +140,7 @@ def test_gate_layout_is_the_records(tiny_model_config):
     assert layout.slots["x0", 0] == (0, 3 * H, 1) and layout.slots["bigram", 3] == (0, 3 * H + 7, 1)
     assert layout.slots["skip", 6] == (1, 3 * H + 10, 1)
     assert layout.slots["dc_w2", 10] == (1, 3 * H + 11 + H, H)
-    full = make_gpt(run.load_config(Path(M.__file__).parent / "config" / "base.py")
+    full = make_gpt(run.load_config(Path(M.__file__).parent / "config" / "record89.py")
                     ["model_config"] | {"prefix_prediction": False}).layout
     assert full.sizes == (26, 41)
 
@@ -374,13 +374,14 @@ def test_no_graph_breaks(name, request):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-def test_base_parameter_count_matches_readme():
-    config = run.load_config(Path(M.__file__).parent / "config" / "base.py")["model_config"]
+@pytest.mark.parametrize("name", ["base", "record89"])
+def test_parameter_count_matches_readme(name):
+    config = run.load_config(Path(M.__file__).parent / "config" / f"{name}.py")["model_config"]
     with torch.device("meta"):
         gpt = make_gpt(dict(config, prefix_prediction=False))
     total = sum(p.numel() for p in gpt.parameters())
     readme = (Path(M.__file__).parent / "README.md").read_text()
-    found = re.search(r"`config/base.py` \| [^|]* \| ([\d,]+) \|", readme)
+    found = re.search(rf"`config/{name}.py` \| [^|]* \| ([\d,]+) \|", readme)
     assert found and int(found.group(1).replace(",", "")) == total
 
 

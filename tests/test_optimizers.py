@@ -43,7 +43,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-SPEEDRUN_OPTIMIZER_CONFIG = run.load_config(REPO_ROOT / "config" / "base.py")["optimizer_config"]
+SPEEDRUN_OPTIMIZER_CONFIG = run.load_config(
+    REPO_ROOT / "config" / "record89.py")["optimizer_config"]
 
 
 def labelled(data, label, lr_mul=1.0, wd_mul=1.0):
@@ -765,7 +766,7 @@ def test_zero_grad_and_momentum_bounds():
 def test_split_covers_the_base_model_exactly_once():
     from model import GPT
 
-    base = run.load_config(REPO_ROOT / "config" / "base.py")
+    base = run.load_config(REPO_ROOT / "config" / "record89.py")
     with torch.device("meta"):
         gpt = GPT(gpt_config(dict(base["model_config"], prefix_prediction=False)))
     split = groups(build_optimizer(gpt, base["optimizer_config"]))

@@ -3,7 +3,7 @@
 The record's tiny model (its 11-layer topology at width 48: vocabulary 384, 6 heads of 8,
 16-token blocks, DC window 14, bigram table of 128 rows) was run on the CPU in float32 with the
 record's initial weights, perturbed so that every zero-initialised path carries signal. The
-same weights, loaded into config/base.py's model at those sizes by the mapping below (the
+same weights, loaded into config/record89.py's model at those sizes by the mapping below (the
 record keeps banks of layers and the lm_head transposed), must give the same loss, each of
 its terms (next token, the two tokens after it, the prefix token), the same final hidden
 states, the same
@@ -42,10 +42,10 @@ def reference():
 
 
 def tiny_config(reference_config):
-    """config/base.py's model at the reference's sizes: the layers' roles are the shipped
+    """config/record89.py's model at the reference's sizes: the layers' roles are the shipped
     config's own."""
     c = reference_config
-    base = run.load_config(REPO_ROOT / "config" / "base.py")["model_config"]
+    base = run.load_config(REPO_ROOT / "config" / "record89.py")["model_config"]
     return dict(base, vocab_size=c["vocab_size"], model_dim=c["model_dim"],
                 num_heads=c["num_heads"], head_dim=c["head_dim"], ffn_dim=c["mlp_hdim"],
                 block_size=c["block_size"], dc_window=c["dc_window"],

@@ -48,8 +48,8 @@ def tiny_config():
 
 def record_gate_rows(gpt):
     """Per gate network, the record's channel of each of ours (the record's layout is record
-    #89's: config/base.py's roles at these widths)."""
-    base = run.load_config(REPO_ROOT / "config" / "base.py")["model_config"]
+    #89's: config/record89.py's roles at these widths)."""
+    base = run.load_config(REPO_ROOT / "config" / "record89.py")["model_config"]
     theirs = GateLayout(model_config(dict(base, **{k: tiny_config()[k] for k in (
         "model_dim", "num_heads", "head_dim")})))
     rows = [[0] * size for size in gpt.layout.sizes]

@@ -9,7 +9,7 @@ last tied update, the untie with its copy of the lm_head's Adam state, the first
 updates). The same
 weights and gradients, in this project's layout (Q and K matrices per head pair, the lm_head
 and the MLP's down projection transposed, banks split per layer), go through
-``config/base.py``'s optimizer_config and the trainer's order of calls.
+``config/record89.py``'s optimizer_config and the trainer's order of calls.
 
 Precision: the record keeps its weights in bf16 (NorMuon's with the 16 low bits of a float32
 master copy beside them, which together are that master); this project keeps float32
@@ -82,7 +82,7 @@ def mapped(R):
 def build(reference):
     spec = ours(reference["params_init"])
     params = {name: labelled(*entry) for name, entry in spec.items()}
-    config = run.load_config(REPO_ROOT / "config" / "base.py")["optimizer_config"]
+    config = run.load_config(REPO_ROOT / "config" / "record89.py")["optimizer_config"]
     optimizer = build_optimizer(list(params.items()), OptimizerConfig.from_dict(config))
     return params, optimizer, EmbeddingTie(params["embed"], params["lm_head"])
 

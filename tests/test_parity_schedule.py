@@ -1,5 +1,5 @@
 """Record #89's schedule, step by step, against the record's own code (reference data in
-tests/reference/record89/, README there): config/base.py's stage table through
+tests/reference/record89/, README there): config/record89.py's stage table through
 ``Schedule.at`` must give the record's tokens, segment length, windows, learning-rate
 multiplier, momentum, MTP and prefix weights, Adam steps and untie, at every one of its 1285
 steps."""
@@ -22,7 +22,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def schedule():
-    return run.build_config(run.load_config(REPO_ROOT / "config" / "base.py")).schedule
+    return run.build_config(run.load_config(REPO_ROOT / "config" / "record89.py")).schedule
 
 
 def assert_plan_is_the_records(plan, want):
