@@ -9,12 +9,15 @@ of the step. The projected train time is the sum over the stages of their steps 
 mean step time; a stage whose sampled softmax changes its candidate count is timed in parts, one
 a count (record #92's third stage: 20 ms a step more with 24,576 candidates than with
 14,336). The same figures go to a JSON file beside the run's log. It trains on real
-batches but is not a training run: no validation, no record. Under torchrun every rank runs it
-and rank 0 reports: tokens/s count all ranks' tokens, MFU is per GPU.
+batches but is not a training run: no validation, no record; it does check that the timed
+steps' losses are finite (a step that diverges can be fast), and exits with status 1 where they
+are not. Under torchrun every rank runs it and rank 0 reports: tokens/s count all ranks'
+tokens, MFU is per GPU.
 """
 
 import gzip
 import json
+import math
 import statistics
 import time
 
@@ -45,11 +48,12 @@ class StepTimer:
 
 def time_stage(manager, plan, steps, timer):
     """Mean step and optimizer milliseconds of ``steps`` steps of ``plan``, after
-    UNTIMED_STEPS untimed ones; Adam steps as often as in the run (schedule.adam_every)."""
-    step_ms, optimizer_ms = [], []
+    UNTIMED_STEPS untimed ones, and the steps' mean loss (read after the timing); Adam steps
+    as often as in the run (schedule.adam_every)."""
+    step_ms, optimizer_ms, losses = [], [], []
     for i in range(UNTIMED_STEPS + steps):
         start = timer.mark()
-        manager.accumulate(plan)
+        losses.append(manager.accumulate(plan))
         middle = timer.mark()
         manager.optimizer_step(manager.schedule.at(plan.step + i))
         end = timer.mark()
@@ -57,7 +61,8 @@ def time_stage(manager, plan, steps, timer):
             step_ms.append((start, end))
             optimizer_ms.append((middle, end))
     return (statistics.mean(timer.elapsed_ms(a, b) for a, b in step_ms),
-            statistics.mean(timer.elapsed_ms(a, b) for a, b in optimizer_ms))
+            statistics.mean(timer.elapsed_ms(a, b) for a, b in optimizer_ms),
+            torch.stack(losses).mean().item())
 
 
 def timed_spans(schedule) -> list[tuple[int, int, int]]:
@@ -161,7 +166,8 @@ def device_gaps(events, longest=5) -> list[str]:
 
 def run_benchmark(manager, profile=False):
     """Time every stage; print the table, write the JSON; with ``profile``, also print where
-    the device time of the largest stage goes. Returns the exit status 0."""
+    the device time of the largest stage goes. Returns the exit status: 0, or 1 where a
+    stage's loss is not finite."""
     log = manager.logger.print
     cuda = manager.device.kind == "cuda"
     compile_s = manager.warmup() if manager.config.compile.enabled else 0.0
@@ -179,7 +185,7 @@ def run_benchmark(manager, profile=False):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         plan = stage_plan(manager, first)
-        step_ms, optimizer_ms = time_stage(manager, plan, steps, timer)
+        step_ms, optimizer_ms, loss = time_stage(manager, plan, steps, timer)
         short, long = plan.windows
         row = {"stage": stage, "steps": f"{first}-{end - 1}", "num_steps": end - first,
                "tokens_per_step": plan.tokens, "candidates": plan.candidates,
@@ -188,7 +194,7 @@ def run_benchmark(manager, profile=False):
                "tokens_per_s": plan.tokens / step_ms * 1000,
                "tflops": manager.flops_per_step(plan) / step_ms / 1e9,
                "optimizer_ms": optimizer_ms, "optimizer_share": optimizer_ms / step_ms,
-               "mfu": manager.mfu(plan, step_ms / 1000), "peak_allocated_gb": None,
+               "mfu": manager.mfu(plan, step_ms / 1000), "loss": loss, "peak_allocated_gb": None,
                "peak_reserved_gb": None}
         if cuda:
             row["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -216,7 +222,11 @@ def run_benchmark(manager, profile=False):
         table, path = profile_largest_stage(manager)
         log(table)
         log(f"trace written: {path}")
-    return 0
+    diverged = [r for r in rows if not math.isfinite(r["loss"])]
+    for r in diverged:
+        log(f"error: the loss is {r['loss']} in stage {r['stage']} (steps {r['steps']}): these "
+            "timings are of steps that do not train")
+    return 1 if diverged else 0
 
 
 def format_table(result):

@@ -968,6 +968,7 @@ def test_benchmark_mode_reports_every_stage(config, tmp_path):
     assert [r["tokens_per_step"] for r in result["stages"]] == [128, 256, 256, 256]
     for row in result["stages"]:
         assert row["ms_per_step"] > 0 and 0 < row["optimizer_share"] < 1
+        assert math.isfinite(row["loss"]) and row["loss"] > 0  # the timed steps' mean
         assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / row["ms_per_step"]
                                                     * 1000)
     assert result["projected_train_time_s"] == pytest.approx(
@@ -979,6 +980,22 @@ def test_benchmark_mode_reports_every_stage(config, tmp_path):
     with gzip.open(trace, "rt") as f:
         events = json.load(f)["traceEvents"]
     assert any(e.get("cat") == "cpu_op" for e in events)
+
+
+def test_benchmark_fails_where_a_loss_is_not_finite(config, tmp_path, monkeypatch):
+    """Steps that diverge time like any others: the benchmark says so and exits with 1."""
+    import benchmark
+
+    config["training_config"]["benchmark_steps"] = 2
+    manager = manager_for(config, tmp_path)
+    accumulate = manager.accumulate
+    monkeypatch.setattr(manager, "accumulate", lambda plan: accumulate(plan) * (
+        math.nan if plan.stage == 1 else 1.0))
+    assert benchmark.run_benchmark(manager) == 1
+    log = (tmp_path / "log.txt").read_text()
+    assert "projected train time" in log
+    assert "error: the loss is nan in stage 2 (steps 4-7): these timings are of steps" in log
+    assert log.count("error: the loss") == 1
 
 
 def test_benchmark_times_each_candidate_count_of_a_stage_apart(config):
