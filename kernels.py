@@ -38,8 +38,8 @@ transposes that the weight gradient's float8 layout needs into the neighbouring 
 dynamic scale costs a pass over the tensor for its amax before the cast can start.
 ``float8_relu2_mlp`` is the relu^2 MLP on that path with record #92's delayed scales for the
 hidden activation and its gradient (the previous step's amax with headroom): relu^2 (or its
-gradient), the cast, both float8 layouts and the amax in one pass, a Triton kernel
-(``relu2_cast``).
+gradient), the cast and the amax in one pass, a Triton kernel (``relu2_cast``), then the
+transposed float8 copy by the transpose kernel.
 """
 
 import math
@@ -423,12 +423,12 @@ def refresh_scale_(scale: Tensor, amax: Tensor, dtype):
 if triton is not None:
 
     @triton.jit
-    def _relu2_cast_kernel(pre_ptr, grad_ptr, q_ptr, q_t_ptr, amax_ptr, scale_ptr, M, N,
+    def _relu2_cast_kernel(pre_ptr, grad_ptr, q_ptr, amax_ptr, scale_ptr, M, N,
                            GRAD: tl.constexpr, TOP: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
         """One (BLOCK_M, BLOCK_N) tile: value = relu(pre)^2, or 2 grad relu(pre) with GRAD,
-        in float32; value / scale saturated at +-TOP in q's float8 format, to q and
-        transposed to q_t; the tile's largest |value| to amax_ptr[program]."""
+        in float32; value / scale saturated at +-TOP in q's float8 format, to q; the tile's
+        largest |value| to amax_ptr[program]."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -445,8 +445,6 @@ if triton is not None:
         inverse = 1.0 / tl.load(scale_ptr)
         q = tl.minimum(tl.maximum(value * inverse, -TOP), TOP).to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + offsets, q, mask=inside)
-        tl.store(q_t_ptr + c[:, None].to(tl.int64) * M + r[None, :], tl.trans(q),
-                 mask=tl.trans(inside))
 
 
 def relu2_cast_reference(pre: Tensor, grad: Tensor, scale: Tensor, dtype
@@ -464,16 +462,19 @@ def relu2_cast_reference(pre: Tensor, grad: Tensor, scale: Tensor, dtype
 
 def kernel_relu2_cast(pre: Tensor, grad: Tensor, scale: Tensor, dtype
                       ) -> tuple[Tensor, Tensor, Tensor]:
-    """The Triton kernel behind ``relu2_cast`` (on any device under TRITON_INTERPRET=1)."""
+    """The Triton kernel behind ``relu2_cast`` (on any device under TRITON_INTERPRET=1), then
+    the transposed copy by ``kernel_transpose``."""
     (M, N), (bm, bn) = pre.shape, RELU2_CAST_TILE
     q = pre.new_empty(M, N, dtype=dtype)
-    q_t = pre.new_empty(N, M, dtype=dtype)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     amax = pre.new_empty(grid[0] * grid[1], dtype=torch.float32)  # a tile's largest |value|
-    _relu2_cast_kernel[grid](pre, grad if grad.numel() else pre, q, q_t, amax, scale, M, N,
+    _relu2_cast_kernel[grid](pre, grad if grad.numel() else pre, q, amax, scale, M, N,
                              GRAD=grad.numel() > 0, TOP=torch.finfo(dtype).max, BLOCK_M=bm,
                              BLOCK_N=bn, num_warps=RELU2_CAST_WARPS)
-    return q, q_t, amax.amax()
+    # Not a second, transposed store of q in the same kernel: Triton miscompiles that pattern
+    # (triton-lang/triton#11111); on an H100 it left garbage bytes in the e5m2 copy, NaN weight
+    # gradients. The transpose kernel alone is the one the loss's float8 gradient uses
+    return q, kernel_transpose(q), amax.amax()
 
 
 @torch.library.custom_op("speedrun::relu2_cast", mutates_args=())
@@ -519,7 +520,7 @@ class _Float8Relu2MLP(torch.autograd.Function):
          grad_amax) = ctx.saved_tensors
         g8, g_scale = to_float8(grad.contiguous(), torch.float8_e5m2)
         # both operands K-major: the small ones transposed by inductor's copies, the hidden
-        # ones written in both layouts by the cast kernel
+        # ones by ``relu2_cast``
         grad_proj = torch._scaled_mm(g8.t().contiguous(), post8_t.t(), scale_a=g_scale,
                                      scale_b=post_scale, out_dtype=ctx.weight_dtype)
         grad_post = torch._scaled_mm(g8, proj8.t().contiguous().t(), scale_a=g_scale,
