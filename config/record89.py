@@ -79,8 +79,8 @@ model_config = dict(
     fused_mlp=False,
     # relu2 with fp8_mlp, not fused_mlp: the hidden activation and its gradient cast at record
     # #92's delayed scales (the previous step's amax with headroom) by one kernel each
-    # (kernels.float8_relu2_mlp), without the amax passes over them. Off: its kernel gave NaN
-    # gradients on an H100; changed since, not yet run on a GPU (README, Speed)
+    # (kernels.float8_relu2_mlp), without the amax passes over them: record #92's, on in
+    # config/record92.py
     fp8_delayed_scales=False,
     init_std=0.5,
     lm_head_init_std=0.005,

@@ -43,6 +43,7 @@ model_config = dict(
     dc_layers=(),
     ffn_dim=2816,
     mlp_proj_lr_mul=2 * math.sqrt(2816 / 768),  # the record's c_proj: shape factor times 2
+    fp8_delayed_scales=True,  # the float8 MLP's hidden activation and its gradient (README)
     ngram_table=True, ngram_bf16=True, bigram_rows=21_150_720, bigram_sign_rows=8192)
 optimizer_config = dict(
     record89.optimizer_config,

@@ -616,3 +616,17 @@ def test_delayed_float8_mlp_trains_on_gpu(tmp_path):
     want, got = losses(False), losses(True)
     assert all(math.isfinite(loss) for loss in got), got
     assert got == pytest.approx(want, rel=1e-3)
+
+
+def test_host_copy_waits_for_the_work_before_it_only():
+    """The loop reads a step's loss while the next step runs: ``HostCopy.item`` must not wait
+    for work queued after the copy (``Tensor.item`` waits for all of it, and the device then
+    idles between steps)."""
+    from train import HostCopy
+
+    value = torch.full((), 3.0, device="cuda") * 2
+    copy = HostCopy(value)
+    torch.cuda._sleep(2_000_000_000)  # about a second of the device's cycles, queued after
+    assert copy.item() == 6.0
+    assert not torch.cuda.current_stream().query()  # the sleep still runs
+    torch.cuda.synchronize()
