@@ -125,5 +125,5 @@ class RowGradients:
         self.grads[:self.used] = grads
 
     def clear(self) -> None:
-        self.grads[:self.used].zero_()
+        # no zeroing: the lookup's backward writes each slot whole (``copy_rows_``), gigabytes
         self.used = 0
