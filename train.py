@@ -767,8 +767,7 @@ def validation_fits(chunk_tokens: int, micro_batch_tokens: int, context_tokens: 
 class HostCopy:
     """A CUDA scalar copied to pinned host memory behind the work queued so far: ``item`` waits
     for that work only. ``Tensor.item`` would wait for all work queued, the next step's too, and
-    the device would idle while the host queues the step after (about 10 ms a step in record
-    #92's whole run, README)."""
+    the device would idle while the host queues the step after (README, Training)."""
 
     def __init__(self, value: torch.Tensor):
         self.host = torch.empty((), dtype=value.dtype, pin_memory=True)
