@@ -185,6 +185,7 @@ def test_relu2_cast_kernel_on_gpu():
         grad = (torch.randn(rows, cols, device="cuda", generator=g) * 1e-3).bfloat16()
         cases += [(pre, pre.new_empty(0), torch.float8_e4m3fn, 0.02),
                   (pre, grad, torch.float8_e5m2, scale), (pre, 0 * grad, torch.float8_e5m2, scale)]
+    saturates = []
     for pre, gradient, dtype, scale in cases:
         scale = torch.tensor(scale, device="cuda")
         poison_allocator(pre.numel())
@@ -199,11 +200,9 @@ def test_relu2_cast_kernel_on_gpu():
         assert off < 1e-4
         step = 2.0 ** -(3 if dtype == torch.float8_e4m3fn else 2)
         torch.testing.assert_close(q.float(), want.float(), rtol=step, atol=0)
+        saturates.append((want.float().abs() == torch.finfo(dtype).max).any().item())
     assert (want.float().abs() == 0).all()  # the zero gradient's copy
-    for pre, gradient, dtype, scale in cases[:2]:
-        want, _, _ = kernels.relu2_cast_reference(pre, gradient, torch.tensor(
-            scale, device="cuda"), dtype)
-        assert (want.float().abs() == torch.finfo(dtype).max).any()  # saturation is tested
+    assert saturates[:2] == [True, True]  # saturation is tested at the record's size
 
 
 @pytest.mark.parametrize("method", ["normuon", "anvil"])
