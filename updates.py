@@ -342,51 +342,79 @@ def kernel_adam_rows_(p: Tensor, ids: Tensor, grads: Tensor, exp_avg_sq: Tensor,
     """The Triton kernel behind ``adam_rows_`` (on any device under TRITON_INTERPRET=1). The
     ids are sorted (stably: each row's pairs in the order they were held) and each pair given
     the end of its row's run by a search, so no size depends on the data: no host sync. A
-    program a pair; the first pair of each row does that row's work."""
+    program a tile of ROWS_TILE sorted pairs does the rows whose run starts in the tile."""
     if p.dim() != 2 or p.stride(1) != 1 or grads.stride(1) != 1:
         raise ValueError("adam_rows_ takes row-major 2-D weights and gradient rows")
     sorted_ids, order = torch.sort(ids, stable=True)
     ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)
     exp_avg_sq.mul_(beta2)
-    _adam_rows_kernel[(ids.numel(),)](
-        p, exp_avg_sq, grads, order, sorted_ids, ends, p.size(1), p.stride(0), grads.stride(0),
-        1 - beta2, eps, step_size, decay, float(ranks), BLOCK_P=ROWS_BLOCK_PAIRS,
-        BLOCK_D=triton.next_power_of_2(p.size(1)), num_warps=8)
+    _adam_rows_kernel[(triton.cdiv(ids.numel(), ROWS_TILE),)](
+        p, exp_avg_sq, grads, order, sorted_ids, ends, ids.numel(), p.size(1), p.stride(0),
+        grads.stride(0), 1 - beta2, eps, step_size, decay, float(ranks), TILE=ROWS_TILE,
+        BLOCK_D=triton.next_power_of_2(p.size(1)), IEEE=grads.dtype == torch.float32,
+        num_warps=ROWS_WARPS)
 
 
-ROWS_BLOCK_PAIRS = 8  # pairs of a row summed per iteration (a frequent n-gram has thousands)
+# Sorted pairs a program (16: tl.dot's smallest side). One program a pair, as before 2026-12-07,
+# spent most of the kernel's time starting programs with nothing to do, each row's chain of
+# dependent loads waited on alone
+ROWS_TILE, ROWS_WARPS = 16, 8
 
 if triton is not None:
 
     @triton.jit
-    def _adam_rows_kernel(p_ptr, v_ptr, g_ptr, order_ptr, sorted_ptr, ends_ptr, D, p_stride,
+    def _adam_rows_kernel(p_ptr, v_ptr, g_ptr, order_ptr, sorted_ptr, ends_ptr, n, D, p_stride,
                           g_stride, one_minus_beta2, eps, step_size, decay, ranks,
-                          BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Pair i of the sorted ids; if it is its row's first: the sum of the row's pairs'
-        gradients (``order[i:ends[i]]``, BLOCK_P at a time) / ranks in float32, the row's
-        (already decayed) second moment plus (1 - beta2) times their mean square, then the
-        cautious Adam update of its weights."""
-        i = tl.program_id(0)
-        row = tl.load(sorted_ptr + i)
-        previous = tl.load(sorted_ptr + i - 1, mask=i > 0, other=-1)
-        if row != previous:
-            end = tl.load(ends_ptr + i)
+                          TILE: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+        """Sorted pairs [TILE * program, + TILE): each one that starts its row's run (a head)
+        sums the run's gradients / ranks in float32, those in the tile by a 0/1 matrix product
+        (each product exact, summed in float32), the rest of the last run TILE pairs at a
+        time; then the row's (already decayed) second moment plus (1 - beta2) times their mean
+        square, and the cautious Adam update of its weights."""
+        first = tl.program_id(0) * TILE
+        pos = first + tl.arange(0, TILE)
+        held = pos < n
+        row = tl.load(sorted_ptr + pos, mask=held, other=-1)
+        previous = tl.load(sorted_ptr + pos - 1, mask=held & (pos > 0), other=-1)
+        head = held & (row != previous)
+        if tl.sum(head.to(tl.int32), axis=0) > 0:  # else the tile lies inside a run
             cols = tl.arange(0, BLOCK_D)
-            mask = cols < D
-            offsets = tl.arange(0, BLOCK_P)
-            grad = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for first in range(i, end, BLOCK_P):
-                held = first + offsets < end
-                pairs = tl.load(order_ptr + first + offsets, mask=held, other=0)
-                block = tl.load(g_ptr + pairs[:, None] * g_stride + cols[None, :],
-                                mask=held[:, None] & mask[None, :], other=0.0)
-                grad += tl.sum(block.to(tl.float32), axis=0)
+            in_row = cols < D
+            # the rows' weights and second moments load while the gradients are summed
+            safe = tl.where(head, row, 0).to(tl.int64)
+            moved = head[:, None] & in_row[None, :]
+            weights = p_ptr + safe[:, None] * p_stride + cols[None, :]
+            old = tl.load(weights, mask=moved, other=0.0)
+            v = tl.load(v_ptr + safe, mask=head, other=1.0)
+            pairs = tl.load(order_ptr + pos, mask=held, other=0)
+            block = tl.load(g_ptr + pairs[:, None].to(tl.int64) * g_stride + cols[None, :],
+                            mask=held[:, None] & in_row[None, :], other=0.0)
+            # run[h] counts the heads up to pair h: pair j is in head h's run where they match
+            run = tl.cumsum(head.to(tl.int32), axis=0)
+            member = head[:, None] & (run[:, None] == run[None, :])
+            # bf16 gradients are exact in tf32 (tensor cores); float32 ones take the exact path
+            if IEEE:
+                grad = tl.dot(member.to(tl.float32), block.to(tl.float32),
+                              input_precision="ieee")
+            else:
+                grad = tl.dot(member.to(tl.float32), block.to(tl.float32),
+                              input_precision="tf32")
+            # the last run may go on past the tile: its head sums the rest
+            last = tl.load(ends_ptr + tl.minimum(first + TILE, n) - 1)
+            rest = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for start in range(first + TILE, last, TILE):
+                more = start + tl.arange(0, TILE) < last
+                pairs = tl.load(order_ptr + start + tl.arange(0, TILE), mask=more, other=0)
+                chunk = tl.load(g_ptr + pairs[:, None].to(tl.int64) * g_stride + cols[None, :],
+                                mask=more[:, None] & in_row[None, :], other=0.0)
+                rest += tl.sum(chunk.to(tl.float32), axis=0)
+            is_last = head & (run == tl.max(run, axis=0))
+            grad += tl.where(is_last[:, None], rest[None, :], 0.0)
             if ranks > 1.0:
                 grad = tl.div_rn(grad, ranks)
-            v = tl.load(v_ptr + row) + one_minus_beta2 * (tl.sum(grad * grad) / D)
-            tl.store(v_ptr + row, v)
-            update = tl.div_rn(grad, tl.sqrt_rn(v) + eps) * step_size
-            weights = p_ptr + row * p_stride + cols
-            old = tl.load(weights, mask=mask, other=0.0).to(tl.float32)
+            v += one_minus_beta2 * (tl.sum(grad * grad, axis=1) / D)
+            tl.store(v_ptr + safe, v, mask=head)
+            update = tl.div_rn(grad, tl.sqrt_rn(v)[:, None] + eps) * step_size
+            old = old.to(tl.float32)
             update += tl.where(update * old > 0, old, 0.0) * decay
-            tl.store(weights, (old - update).to(p_ptr.dtype.element_ty), mask=mask)
+            tl.store(weights, (old - update).to(p_ptr.dtype.element_ty), mask=moved)

@@ -170,12 +170,12 @@ def poison_allocator(nbytes, blocks=4):
 
 
 def test_relu2_cast_kernel_on_gpu():
-    """The float8 MLP's activation cast (kernels.relu2_cast's Triton kernel and its transposed
-    copy) against its PyTorch reference, each output allocated over bytes of NaN: at a record
-    #92 micro-batch's hidden size, relu^2 in e4m3 and its gradient at pre in e5m2, each with
-    some values saturating; and at config/cpu92.py's (512 x 512) with the zero gradient of a
-    zero-initialised down projection's first step, where the kernel's own transposed store
-    (before 2026-12-06) left NaN bytes in the e5m2 copy on an H100."""
+    """The float8 MLP's activation cast (kernels.relu2_cast's Triton kernel, both layouts)
+    against its PyTorch reference, each output allocated over bytes of NaN: at a record #92
+    micro-batch's hidden size, relu^2 in e4m3 and its gradient at pre in e5m2, each with some
+    values saturating; and at config/cpu92.py's (512 x 512) with the zero gradient of a
+    zero-initialised down projection's first step, where the kernel's first transposed store
+    (of the float8 tile, 2026-12-06) left NaN bytes in the e5m2 copy on an H100."""
     import kernels
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -584,9 +584,10 @@ def test_delayed_float8_mlp_trains_on_gpu(tmp_path):
     """config/cpu92.py on the GPU (eager; its float8 MLPs, the lm_head's float8 loss, the
     n-gram rows' kernels) for four steps with the MLP's delayed scales, the allocator's free
     blocks of its hidden activations' size filled with NaN bytes before each step: finite
-    losses, close to the same steps with dynamic scales. With the cast kernel's own transposed
-    store (before 2026-12-06) an H100 run gave the up projections NaN gradients at the first
-    step (garbage bytes in the e5m2 copy) whenever the reused memory held NaN bytes."""
+    losses, close to the same steps with dynamic scales. With the cast kernel's first
+    transposed store (of the float8 tile, 2026-12-06) an H100 run gave the up projections NaN
+    gradients at the first step (garbage bytes in the e5m2 copy) whenever the reused memory
+    held NaN bytes."""
     import math
 
     from test_train import write_tiny_shards
