@@ -898,6 +898,20 @@ ADAM_ROWS_CHECK = textwrap.dedent("""
         # bf16: the interpreter truncates float32 to bf16 where the GPU rounds (tests/test_gpu.py)
         one_step = 1e-6 if dtype == torch.float32 else 2.0 ** -7
         torch.testing.assert_close(p.float(), want_p.float(), rtol=one_step, atol=1e-7)
+    # runs placed against the kernel's tiles of 16 sorted pairs: one from the last pair of the
+    # first tile through the whole second into the third, one ending on a tile's end, one
+    # filling a tile, single pairs in a short last tile
+    t = updates.ROWS_TILE
+    counts = {3: t - 1, 11: t + 10, 20: t - 9, 31: t, **{row: 1 for row in range(40, 47)}}
+    ids = torch.cat([torch.full((n,), row) for row, n in counts.items()])
+    ids = ids[torch.randperm(ids.numel(), generator=g)]
+    grads = torch.randn(ids.numel(), 12, generator=g)
+    p, v = torch.randn(50, 12, generator=g), torch.rand(50, 1, generator=g)
+    want_p, want_v = p.clone(), v.clone()
+    updates.adam_rows_reference_(want_p, ids, grads, want_v, 0.9, 1e-8, 0.05, 0.3, 2)
+    updates.kernel_adam_rows_(p, ids, grads, v, 0.9, 1e-8, 0.05, 0.3, 2)
+    torch.testing.assert_close(v, want_v, rtol=1e-6, atol=0)
+    torch.testing.assert_close(p, want_p, rtol=1e-6, atol=1e-7)
     print("row-wise Adam matches its reference")
 """)
 
@@ -906,7 +920,8 @@ ADAM_ROWS_CHECK = textwrap.dedent("""
 def test_triton_adam_rows_matches_reference_in_interpreter():
     """The n-gram table's row-wise Adam from (row id, gradient row) pairs: the Triton kernel
     against ``adam_rows_reference_`` (unique + index_add, then the update), float32 and bf16
-    weights, the mean over three ranks, repeated (one in many pairs) and untouched rows."""
+    weights, the mean over three ranks, repeated (one in many pairs) and untouched rows, runs
+    placed across, on and inside the kernel's tiles."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-c", ADAM_ROWS_CHECK], capture_output=True,
                             text=True, env=env, cwd=REPO_ROOT, timeout=300)
